@@ -1,0 +1,89 @@
+"""The trained-model artifact: `model.safetensors` (weights) + `model.json` (everything else).
+
+`model.json` holds what is needed to rebuild and use the model without the run that made it:
+{"format": "resnet-model/1", "arch": name, "options": {create_model options}, "classes": [names in
+index order], "mean": [per channel, 0-1 pixel units], "std": [...], "input_size": [C, H, W],
+"eval_view": "full" | "center" | "10crop" | "multiscale", "recipe": name or null, "metrics": {...}}.
+Weights never pass through pickle: safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+FORMAT = "resnet-model/1"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that `path` is either the old file or the complete new one (temp + fsync +
+    rename), never a half-written file, whatever kills the process."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip the `module.` (DDP/DataParallel) and `_orig_mod.` (torch.compile) prefixes wherever they stand."""
+    out = {}
+    for key, value in state.items():
+        parts = [p for p in key.split(".") if p not in ("module", "_orig_mod")]
+        out[".".join(parts)] = value
+    return out
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside DDP and torch.compile wrappers, so no wrapper prefix reaches a file."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def save_model_artifacts(out_dir: str | os.PathLike, model: torch.nn.Module, meta: dict) -> Path:
+    """Write `model.safetensors` and `model.json` into `out_dir` atomically; returns the weights path.
+
+    `meta` must hold at least arch, options, classes, mean, std, input_size; it is stored as given plus the
+    format tag.
+    """
+    missing = [k for k in ("arch", "options", "classes", "mean", "std", "input_size") if k not in meta]
+    if missing:
+        raise ValueError(f"model metadata lacks {', '.join(missing)}")
+    out_dir = Path(out_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in clean_state_dict(unwrap(model).state_dict()).items()}
+    weights = out_dir / "model.safetensors"
+    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=out_dir)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": FORMAT, "arch": str(meta["arch"])})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, weights)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    doc = {"format": FORMAT, **meta}
+    atomic_write_bytes(out_dir / "model.json", (json.dumps(doc, indent=2) + "\n").encode())
+    return weights

@@ -1,0 +1,116 @@
+"""The two families of the paper as one general network: a stem, stages of blocks, pool, fc.
+
+ImageNet family (Table 1): 7x7/2 conv 64 -> 3x3/2 max-pool -> 4 stages (64, 128, 256, 512 wide).
+CIFAR family (Sec. 4.2): 3x3 conv 16 -> 3 stages of n blocks (16, 32, 64 wide), 6n+2 layers.
+Both: global average pool -> fc; stride 2 at the start of every stage after the first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .blocks import BasicBlock, Bottleneck
+
+BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
+STEMS = ("imagenet", "cifar")
+
+
+class ResNet(nn.Module):
+    """A residual (or plain) network. Named models are built by `resnet.create_model`.
+
+    Interface for backbone use: `forward_features` (last feature map), `forward_head` (pool + fc),
+    `forward_stages` (the stem's and every stage's feature map, described by `feature_info`).
+    """
+
+    def __init__(
+        self,
+        block: str,
+        layers: tuple[int, ...],
+        widths: tuple[int, ...],
+        stem: str = "imagenet",
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        shortcut: str = "B",
+        variant: str = "v1",
+        residual: bool = True,
+        zero_init_residual: bool = False,
+    ):
+        super().__init__()
+        block_cls = BLOCKS[block]
+        self.num_classes = num_classes
+        stem_chs = widths[0]
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_chans, stem_chs, 7, stride=2, padding=3, bias=False)
+            self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
+            stem_reduction, reduction = 2, 4
+        else:
+            self.conv1 = nn.Conv2d(in_chans, stem_chs, 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+            stem_reduction, reduction = 1, 1
+        self.bn1 = nn.BatchNorm2d(stem_chs)
+        self.relu = nn.ReLU(inplace=True)
+        self.feature_info: list[dict] = [{"module": "relu", "num_chs": stem_chs, "reduction": stem_reduction}]
+
+        in_chs = stem_chs
+        self.stage_names: list[str] = []
+        for i, (repeats, width) in enumerate(zip(layers, widths, strict=True)):
+            stride = 1 if i == 0 else 2
+            reduction *= stride
+            blocks = []
+            for j in range(repeats):
+                blocks.append(block_cls(in_chs, width, stride if j == 0 else 1, shortcut=shortcut,
+                                        residual=residual, variant=variant))
+                in_chs = width * block_cls.expansion
+            name = f"layer{i + 1}"
+            self.add_module(name, nn.Sequential(*blocks))
+            self.stage_names.append(name)
+            self.feature_info.append({"module": name, "num_chs": in_chs, "reduction": reduction})
+        self.num_features = in_chs
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_chs, num_classes)
+        self._init_weights(zero_init_residual)
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        # He et al. 2015 ("Delving deep into rectifiers"): normal, std sqrt(2 / fan_out), as the paper cites.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            # Departure from the paper (Goyal et al. 2017, "Accurate, Large Minibatch SGD"): each residual
+            # branch starts as zero, so every block starts as the identity.
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(m.last_bn().weight)
+
+    def stages(self) -> list[nn.Sequential]:
+        return [getattr(self, n) for n in self.stage_names]
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn1(self.conv1(x)))
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps of the stem (before max-pool) and of every stage, as listed in `feature_info`."""
+        x = self.forward_stem(x)
+        feats = [x]
+        x = self.maxpool(x)
+        for stage in self.stages():
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.forward_stem(x))
+        for stage in self.stages():
+            x = stage(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
