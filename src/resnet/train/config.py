@@ -1,0 +1,231 @@
+"""The training configuration: one flat, typed dataclass, recipes in YAML, strict `key=value` overrides.
+
+A recipe is a YAML mapping of these keys (every hyperparameter stated, with its unit and reason in a
+comment). Overrides use the same keys; an unknown key or a value of the wrong type is a `UserError`
+naming the closest keys. The resolved config is saved with the run and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from ..errors import UserError, did_you_mean
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. Iteration counts and `lr` are stated for `ref_batch_size`."""
+
+    # what the recipe is
+    recipe: str = "custom"
+    description: str = ""
+    paper: bool = False  # true only when every setting follows the paper
+    # data (see resnet.data.load_dataset / make_loader)
+    data: str = "cifar10"
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    in_chans: int = 3
+    val_size: int | None = None
+    data_seed: int = 0
+    augment: str = "cifar"
+    eval_view: str | None = None
+    num_workers: int | None = None
+    strict_data: bool = False
+    # model (see resnet.create_model)
+    arch: str = "resnet20"
+    shortcut: str | None = None
+    variant: str = "v1"
+    zero_init_residual: bool = False
+    # optimisation
+    batch_size: int = 128  # images per step over all processes
+    ref_batch_size: int = 128  # lr and every iteration count below are stated for this batch
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    schedule: str = "multistep"  # multistep | plateau | cosine | onecycle
+    milestones: list[int] = field(default_factory=list)
+    lr_decay: float = 0.1
+    warmup_lr: float = 0.0  # > 0: constant lr until the training error falls below warmup_until_train_err
+    warmup_until_train_err: float = 0.8
+    ramp_iters: int = 0  # linear ramp from 0 (cosine, onecycle)
+    plateau_patience: int = 3  # evaluations without improvement before the lr is divided
+    plateau_threshold: float = 0.001  # smallest drop of the validation top-1 error that counts
+    min_lr: float = 0.0
+    max_iters: int = 64000
+    ema_decay: float = 0.0  # > 0: evaluate and save an exponential moving average of the weights
+    tta_flip: bool = False  # evaluate on the image and its mirror, average the logits
+    # runtime
+    device: str = "auto"
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = False
+    threads: int | None = None
+    seed: int = 0
+    eval_every: int = 1000
+    eval_batch_size: int = 256
+    log_every: int = 50
+    checkpoint_every: int = 1000
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Keys that may differ between a run and its resumption without changing what is computed.
+RUNTIME_KEYS = frozenset({"num_workers", "threads", "eval_batch_size", "cache_dir", "data_dir",
+                          "description"})
+_TYPES = typing.get_type_hints(TrainConfig)
+KEYS = tuple(f.name for f in fields(TrainConfig))
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def coerce(key: str, value):
+    """`value` checked (and widened: int -> float) against the declared type of `key`."""
+    if key not in _TYPES:
+        raise UserError(f"unknown setting '{key}'{did_you_mean(key, KEYS)}; see 'resnet train --help' "
+                        f"or docs/training.md for the list.")
+    tp = _TYPES[key]
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    for option in options:
+        ok, out = _try(option, value)
+        if ok:
+            return out
+    wanted = " or ".join(_type_name(o) for o in options)
+    raise UserError(f"setting '{key}' must be {wanted}, not {value!r}.")
+
+
+def _try(tp, value):
+    if tp is type(None):
+        return value is None, None
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return ok, float(value) if ok else None
+    if tp is str:
+        return isinstance(value, str), value
+    if typing.get_origin(tp) is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            return False, None
+        items = [_try(inner, v) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    return False, None
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """'key=value' -> (key, value); the value is read as YAML (`lr=0.05`, `milestones=[100,200]`)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"override '{text}' is not of the form key=value (e.g. lr=0.05).")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if _TYPES.get(key) in (str, str | None) and value is not None and not isinstance(value, str):
+        value = raw.strip()  # data=123 or arch=... stay text
+    return key, coerce(key, value)
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped with the package."""
+    folder = resources.files("resnet") / "recipes"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_recipe(name_or_path: str) -> tuple[str, dict]:
+    path = Path(name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise UserError(f"recipe file '{name_or_path}' does not exist; give a recipe name "
+                            f"({', '.join(list_recipes()[:4])}, ...) or a YAML file path.")
+        text, name = path.read_text(), path.stem
+    else:
+        names = list_recipes()
+        if name_or_path not in names:
+            raise UserError(f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, names)}; "
+                            f"the recipes are {', '.join(names)}.")
+        text = (resources.files("resnet") / "recipes" / f"{name_or_path}.yaml").read_text()
+        name = name_or_path
+    try:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"recipe '{name_or_path}' is not valid YAML ({str(err).splitlines()[0]}).") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"recipe '{name_or_path}' must be a mapping of settings, not {type(doc).__name__}.")
+    return name, doc
+
+
+def load_recipe(name_or_path: str, overrides: typing.Iterable[str] = ()) -> TrainConfig:
+    """A recipe (shipped name or YAML path) with strict `key=value` overrides applied and checked."""
+    name, doc = _read_recipe(name_or_path)
+    values = {"recipe": name}
+    for key, value in doc.items():
+        values[key] = coerce(str(key), value)
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = value
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """Rebuild a config saved with a run (unknown keys are an error, so old files fail loudly)."""
+    return TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
+
+
+_CHOICES = {
+    "precision": PRECISIONS,
+    "device": DEVICES,
+    "optimizer": ("sgd",),
+    "schedule": ("multistep", "plateau", "cosine", "onecycle"),
+    "augment": ("cifar", "imagenet", "none"),
+}
+_POSITIVE = ("batch_size", "ref_batch_size", "max_iters", "eval_every", "log_every", "checkpoint_every",
+             "eval_batch_size", "in_chans")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field checks a type cannot express; each failure is one sentence."""
+    for key, choices in _CHOICES.items():
+        value = getattr(cfg, key)
+        if value not in choices:
+            raise UserError(f"setting '{key}' must be one of {', '.join(choices)}, not '{value}'"
+                            f"{did_you_mean(str(value), choices)}.")
+    for key in _POSITIVE:
+        if getattr(cfg, key) < 1:
+            raise UserError(f"setting '{key}' must be at least 1, not {getattr(cfg, key)}.")
+    if cfg.lr <= 0:
+        raise UserError(f"setting 'lr' must be positive, not {cfg.lr}.")
+    if not 0 <= cfg.ema_decay < 1:
+        raise UserError(f"setting 'ema_decay' must be in [0, 1), not {cfg.ema_decay}.")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise UserError(f"setting 'label_smoothing' must be in [0, 1), not {cfg.label_smoothing}.")
+    if sorted(cfg.milestones) != list(cfg.milestones):
+        raise UserError(f"setting 'milestones' must be increasing iteration counts, not {cfg.milestones}.")
+
+
+def replace(cfg: TrainConfig, **changes) -> TrainConfig:
+    """A copy of `cfg` with `changes` checked like overrides."""
+    return dataclasses.replace(cfg, **{k: coerce(k, v) for k, v in changes.items()})

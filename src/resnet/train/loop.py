@@ -1,0 +1,472 @@
+"""The training loop: one body for every precision and device, exact resume, clean stops.
+
+`train(cfg, out_dir)` runs a recipe into a run directory, or resumes it from `checkpoint.pt`, or returns
+the summary of a run that already finished. Precision is a switch on one body: autocast on or off
+(bf16 on CPU/GPU, fp16 on GPU) and the grad scaler on or off (fp16 only) -- never a copied branch.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import artifacts
+from ..errors import UserError
+from ..models import create_model, resolve_options
+from . import checkpoint, distributed, outputs
+from .config import RUNTIME_KEYS, TrainConfig, config_from_dict, validate
+from .schedule import LRSchedule
+
+_NAN_ENV = "RESNET_TEST_NAN_AT"  # test hook: make the loss NaN at this iteration
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPTIMIZERS = {
+    "sgd": lambda params, cfg, lr: torch.optim.SGD(params, lr=lr, momentum=cfg.momentum,
+                                                   nesterov=cfg.nesterov, weight_decay=cfg.weight_decay),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The recipe's numbers at the batch size actually used (linear scaling rule, Goyal et al. 2017):
+    at batch B, lr x B/ref_batch_size and every iteration count x ref_batch_size/B."""
+
+    local_batch: int
+    lr: float
+    warmup_lr: float
+    max_iters: int
+    milestones: list[int]
+    ramp_iters: int
+    eval_every: int
+    checkpoint_every: int
+
+
+def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
+    if cfg.batch_size % world_size:
+        raise UserError(f"batch_size {cfg.batch_size} does not split evenly over {world_size} processes; "
+                        f"use a multiple of {world_size}.")
+    k = cfg.ref_batch_size / cfg.batch_size
+
+    def iters(n: int) -> int:
+        return max(1, round(n * k)) if n else 0
+
+    return Plan(cfg.batch_size // world_size, cfg.lr / k, cfg.warmup_lr / k, iters(cfg.max_iters),
+                [iters(m) for m in cfg.milestones], iters(cfg.ramp_iters), iters(cfg.eval_every),
+                iters(cfg.checkpoint_every))
+
+
+class StopSignals:
+    """SIGTERM/SIGINT set a flag that the loop checks after each step; a second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class EMA:
+    """Exponential moving average of the weights (Polyak & Juditsky 1992); buffers are copied.
+
+    The decay ramps as min(decay, (1 + t) / (10 + t)) so early averages are not dominated by the random
+    initialisation (the warm-up used by TensorFlow's ExponentialMovingAverage with num_updates)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval()
+        self.decay = decay
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        ema_p, p = list(self.model.parameters()), list(model.parameters())
+        torch._foreach_lerp_(ema_p, p, 1 - d)
+        for eb, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            eb.copy_(b)
+
+
+def _topk_correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    k = min(5, logits.shape[1])
+    hit = logits.topk(k, dim=1).indices == y[:, None]
+    return hit[:, 0].sum(), hit.any(dim=1).sum()
+
+
+def _default_threads(info: distributed.DistInfo) -> int | None:
+    if info.device.type != "cpu" or not info.enabled:
+        return None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    return max(1, (os.cpu_count() or 1) // local)
+
+
+class Trainer:
+    """Holds one run's state; `fit()` trains to the end or to a stop signal."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path, info: distributed.DistInfo, data_api):
+        self.cfg, self.out, self.info = cfg, out_dir, info
+        self.plan = make_plan(cfg, info.world_size)
+        threads = cfg.threads or _default_threads(info)
+        if threads:
+            torch.set_num_threads(threads)
+        self._build_data(data_api)
+        self._build_model()
+        self.it, self.wall_s, self.train_s, self.images = 0, 0.0, 0.0, 0
+        self._reset_window()
+        self.last_ckpt_iter = None
+        state = self._load_checkpoint()
+        self.log = outputs.RunLog(out_dir, None if state is None else self.it, enabled=info.is_main)
+
+    # --- construction -------------------------------------------------------------------------------
+    def _build_data(self, data_api) -> None:
+        cfg, info = self.cfg, self.info
+        self.ds = data_api.load_dataset(cfg.data, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir,
+                                        in_chans=cfg.in_chans, val_size=cfg.val_size, seed=cfg.data_seed,
+                                        strict=cfg.strict_data)
+        common = dict(mean=self.ds.mean, std=self.ds.std, seed=cfg.seed, rank=info.rank,
+                      world_size=info.world_size, device=str(info.device), channels_last=cfg.channels_last,
+                      num_workers=cfg.num_workers)
+        self.train_loader = data_api.make_loader(self.ds.splits["train"], self.plan.local_batch, train=True,
+                                                 augment=cfg.augment, **common)
+        self.eval_loaders = {
+            split: data_api.make_loader(self.ds.splits[split], max(1, cfg.eval_batch_size // info.world_size),
+                                        train=False, augment="none", eval_view=cfg.eval_view, **common)
+            for split in ("val", "test") if split in self.ds.splits
+        }
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch < 1:
+            raise UserError(f"the training split of '{cfg.data}' has fewer images than one batch of "
+                            f"{self.plan.local_batch} per process; lower batch_size.")
+
+    def _build_model(self) -> None:
+        cfg, info = self.cfg, self.info
+        torch.manual_seed(cfg.seed)
+        self.model_options = resolve_options(cfg.arch, num_classes=len(self.ds.classes),
+                                             in_chans=cfg.in_chans, shortcut=cfg.shortcut,
+                                             variant=cfg.variant,
+                                             zero_init_residual=cfg.zero_init_residual)
+        raw = create_model(cfg.arch, **self.model_options).to(info.device)
+        if cfg.sync_bn and info.enabled:
+            raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+        if cfg.channels_last:
+            raw = raw.to(memory_format=torch.channels_last)
+        self.raw = raw
+        self.ema = EMA(raw, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        model: nn.Module = raw
+        if info.enabled:
+            ids = [info.device.index] if info.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(raw, device_ids=ids)
+        self.model = torch.compile(model) if cfg.compile else model
+        self.optimizer = OPTIMIZERS[cfg.optimizer](raw.parameters(), cfg, self.plan.lr)
+        self.schedule = LRSchedule(cfg.schedule, self.plan.lr, self.plan.max_iters, self.plan.milestones,
+                                   cfg.lr_decay, self.plan.warmup_lr, cfg.warmup_until_train_err,
+                                   self.plan.ramp_iters, cfg.plateau_patience, cfg.plateau_threshold,
+                                   cfg.min_lr)
+        if cfg.precision == "fp16" and info.device.type != "cuda":
+            raise UserError("precision=fp16 needs a CUDA GPU (it relies on a grad scaler); "
+                            "use bf16 or fp32 on CPU.")
+        self.amp_dtype = AMP_DTYPES[cfg.precision]
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    # --- checkpoint -----------------------------------------------------------------------------------
+    def _load_checkpoint(self) -> dict | None:
+        path = self.out / checkpoint.NAME
+        if not path.exists():
+            return None
+        state = checkpoint.load(path, map_location=self.info.device)
+        old = state["config"]
+        new = self.cfg.to_dict()
+        diff = sorted(k for k in set(old) | set(new) if k not in RUNTIME_KEYS and old.get(k) != new.get(k))
+        if diff:
+            raise UserError(f"'{self.out}' holds a run with different settings ({', '.join(diff[:4])}); "
+                            f"use the same recipe and overrides to resume it, or a new --out folder.")
+        self.raw.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.model.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        rngs = state["rng"]
+        if self.info.rank < len(rngs):
+            checkpoint.set_rng_state(rngs[self.info.rank])
+        self.it, self.wall_s = state["iteration"], state["wall_s"]
+        self.train_s, self.images = state["train_s"], state["images"]
+        self.window = {k: torch.tensor(v, dtype=torch.float64, device=self.info.device)
+                       for k, v in state["window"].items()}
+        self.window_t0 = time.perf_counter()
+        self.last_ckpt_iter = self.it
+        return state
+
+    def save_checkpoint(self) -> None:
+        rngs = distributed.gather_objects(checkpoint.rng_state(), self.info)
+        if not self.info.is_main:
+            return
+        epoch, batch = divmod(self.it, self.steps_per_epoch)
+        state = {
+            "format": checkpoint.FORMAT, "config": self.cfg.to_dict(), "iteration": self.it,
+            "epoch": epoch, "batch": batch,
+            "model": artifacts.clean_state_dict(self.raw.state_dict()),
+            "ema": None if self.ema is None else self.ema.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": rngs,
+            "window": {k: float(v) for k, v in self.window.items()},
+            "wall_s": self.wall_s + self._since_start(), "train_s": self.train_s, "images": self.images,
+        }
+        checkpoint.save(self.out / checkpoint.NAME, state)
+        self.last_ckpt_iter = self.it
+
+    # --- one step ---------------------------------------------------------------------------------------
+    def _reset_window(self) -> None:
+        self.window = {k: torch.zeros((), dtype=torch.float64, device=self.info.device)
+                       for k in ("loss", "top1", "top5", "n")}
+        self.window_t0 = time.perf_counter()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, stop: StopSignals) -> bool:
+        """One optimisation step at iteration `self.it`; returns True when the run must stop after it."""
+        lr = self.schedule.lr(self.it)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(self.info.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            logits = self.model(x)
+        loss = self.criterion(logits.float(), y)
+        if os.environ.get(_NAN_ENV) == str(self.it):
+            loss = loss * float("nan")
+        nonfinite = not bool(torch.isfinite(loss.detach()))
+        bad, signalled = distributed.all_sum([float(nonfinite), float(stop.received is not None)], self.info)
+        if bad:
+            raise UserError(f"the training loss became non-finite at iteration {self.it} (lr {lr:g}); "
+                            f"stopped without saving these weights (last good checkpoint: iteration "
+                            f"{self.last_ckpt_iter}); try a lower lr or precision=fp32 in a new --out "
+                            f"folder.")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.raw, self.it)
+        top1, top5 = _topk_correct(logits.detach(), y)
+        n = y.shape[0]
+        self.window["loss"] += loss.detach().double() * n
+        self.window["top1"] += top1
+        self.window["top5"] += top5
+        self.window["n"] += n
+        self.it += 1
+        self.images += n * self.info.world_size
+        return bool(signalled)
+
+    # --- evaluation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict:
+        """Loss and top-1/top-5 error on a whole split; every sample counted once over all processes."""
+        model = self.ema.model if self.ema is not None else self.raw
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.info.device)
+        for x, y in self.eval_loaders[split].iter_epoch(0):
+            logits = self._eval_logits(model, x)
+            top1, top5 = _topk_correct(logits, y)
+            loss = nn.functional.cross_entropy(logits, y, reduction="sum")
+            sums += torch.stack([loss.double(), top1.double(), top5.double(),
+                                 torch.tensor(float(y.shape[0]), dtype=torch.float64, device=sums.device)])
+        model.train(was_training)
+        loss, c1, c5, n = distributed.all_sum(sums.tolist(), self.info)
+        n = max(n, 1.0)
+        return {"loss": loss / n, "top1_err": 1 - c1 / n, "top5_err": 1 - c5 / n, "n": int(n)}
+
+    def _eval_logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        views = x.shape[1] if x.dim() == 5 else 0  # (N, V, C, H, W): logits averaged over the V views
+        if views:
+            x = x.flatten(0, 1)
+        with torch.autocast(self.info.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            logits = model(x).float()
+            if self.cfg.tta_flip:
+                logits = (logits + model(x.flip(3)).float()) / 2
+        return logits.unflatten(0, (-1, views)).mean(1) if views else logits
+
+    # --- bookkeeping ----------------------------------------------------------------------------------
+    def _since_start(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def log_train(self) -> None:
+        loss, c1, c5, n = distributed.all_sum([float(self.window[k]) for k in ("loss", "top1", "top5", "n")],
+                                              self.info)
+        if n == 0:
+            return
+        dt = time.perf_counter() - self.window_t0
+        err = 1 - c1 / n
+        self.schedule.observe_train(self.it, err)
+        self.log.write({"iter": self.it, "epoch": self.it / self.steps_per_epoch, "split": "train",
+                        "loss": loss / n, "top1_err": err, "top5_err": 1 - c5 / n,
+                        "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": n / max(dt, 1e-9)})
+        self._reset_window()
+
+    def log_eval(self, split: str) -> dict:
+        m = self.evaluate(split)
+        if split == "val":
+            self.schedule.observe_val(self.it, m["top1_err"])
+        self.log.write({"iter": self.it, "epoch": self.it / self.steps_per_epoch, "split": split,
+                        "loss": m["loss"], "top1_err": m["top1_err"], "top5_err": m["top5_err"],
+                        "lr": self.optimizer.param_groups[0]["lr"], "n": m["n"]})
+        return m
+
+    # --- the run --------------------------------------------------------------------------------------
+    def _say(self, text: str) -> None:
+        if self.info.is_main:
+            print(text, file=sys.stderr, flush=True)
+
+    def fit(self) -> dict:
+        """Train from `self.it` to the end (or to a stop signal), then write the final outputs."""
+        p = self.plan
+        self.t_start = time.perf_counter()
+        bar = outputs.progress_bar(p.max_iters, self.it, self.info.is_main)
+        stop_now = False
+        with StopSignals() as stop:
+            while self.it < p.max_iters and not stop_now:
+                epoch, start = divmod(self.it, self.steps_per_epoch)
+                if hasattr(self.train_loader, "set_epoch"):
+                    self.train_loader.set_epoch(epoch)
+                t0 = time.perf_counter()
+                for x, y in self.train_loader.iter_epoch(epoch, start):
+                    stop_now = self.step(x, y, stop)
+                    self._boundary(bar, t0)
+                    t0 = time.perf_counter()
+                    if stop_now or self.it >= p.max_iters:
+                        break
+        bar.close()
+        if stop_now:
+            self.save_checkpoint()
+            self.wall_s += self._since_start()
+            self._say(f"stopped by {stop.received or 'a signal on another process'} at iteration {self.it}; "
+                      f"checkpoint saved in {self.out}; run the same command again to resume.")
+            self._write_curves()
+            self.log.close()
+            return {"status": "interrupted", "iterations": self.it}
+        return self.finish()
+
+    def _boundary(self, bar, t0: float) -> None:
+        """After-step work at iteration `self.it`: train log, then evaluation, then checkpoint (this order
+        is what makes a resumed metrics log identical to an uninterrupted one)."""
+        p, it = self.plan, self.it
+        self.train_s += time.perf_counter() - t0
+        bar.update(1)
+        if it % self.cfg.log_every == 0 or it == p.max_iters:
+            self.log_train()
+            bar.set_postfix_str(f"{self.images / max(self.train_s, 1e-9):.0f} img/s", refresh=False)
+        if (p.eval_every and it % p.eval_every == 0) or it == p.max_iters:
+            if "val" in self.eval_loaders:
+                m = self.log_eval("val")
+                self._say(f"iter {it}/{p.max_iters} (epoch {it / self.steps_per_epoch:.1f}): val top-1 error "
+                          f"{100 * m['top1_err']:.2f}%, lr {self.optimizer.param_groups[0]['lr']:g}, "
+                          f"{self.images / max(self.train_s, 1e-9):.0f} img/s")
+        if it % p.checkpoint_every == 0 or it == p.max_iters:
+            self.save_checkpoint()
+
+    def finish(self) -> dict:
+        """Test-split evaluation, model artifacts, curves and summary.json (rank 0 writes)."""
+        wall = self.wall_s + self._since_start()
+        metrics = outputs.read_metrics(self.out / "metrics.jsonl") if self.info.is_main else []
+        val = [m for m in metrics if m["split"] == "val"]
+        summary = {"status": "finished", "recipe": self.cfg.recipe, "arch": self.cfg.arch,
+                   "val_top1_err": val[-1]["top1_err"] if val else None,
+                   "val_top5_err": val[-1]["top5_err"] if val else None}
+        if "test" in self.eval_loaders:
+            m = self.log_eval("test")
+            summary.update(test_top1_err=m["top1_err"], test_top5_err=m["top5_err"], test_n=m["n"])
+        summary.update(iterations=self.it, epochs=self.it / self.steps_per_epoch, wall_s=wall,
+                       train_s=self.train_s, images_per_s=self.images / max(self.train_s, 1e-9),
+                       skipped=len(getattr(self.ds, "skipped", []) or []), world_size=self.info.world_size,
+                       device=str(self.info.device), precision=self.cfg.precision)
+        if self.info.is_main:
+            self._write_artifacts(summary)
+            outputs.write_json(self.out / "summary.json", summary)
+            self._write_curves()
+        self.log.close()
+        return summary
+
+    def _write_artifacts(self, summary: dict) -> None:
+        model = self.ema.model if self.ema is not None else self.raw
+        size = self.ds.image_size
+        meta = {"arch": self.cfg.arch, "options": self.model_options, "classes": list(self.ds.classes),
+                "mean": list(self.ds.mean), "std": list(self.ds.std),
+                "input_size": [self.cfg.in_chans, *(size or (224, 224))],
+                "eval_view": self.cfg.eval_view or ("full" if size else "center"), "recipe": self.cfg.recipe,
+                "metrics": {k: v for k, v in summary.items() if k.endswith("_err")}}
+        artifacts.save_model_artifacts(self.out, model, meta)
+
+    def _write_curves(self) -> None:
+        if not self.info.is_main:
+            return
+        note = outputs.plot_curves(outputs.read_metrics(self.out / "metrics.jsonl"), self.out / "curves.png",
+                                   f"{self.cfg.recipe} ({self.cfg.arch})")
+        if note:
+            self._say(note)
+
+
+def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, data_api=None) -> dict:
+    """Run (or resume, or return the finished summary of) the recipe `cfg` in `out_dir`.
+
+    `data_api` provides `load_dataset` and `make_loader` as in the data contract (default `resnet.data`).
+    """
+    validate(cfg)
+    out = Path(out_dir)
+    done = _finished_summary(cfg, out)
+    if done is not None:
+        return done
+    if data_api is None:
+        from .. import data as data_api
+    info = distributed.setup(cfg.device)
+    try:
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            checkpoint.remove_stale_temps(out)
+        distributed.barrier(info)
+        trainer = Trainer(cfg, out, info, data_api)
+        if info.is_main:
+            outputs.write_yaml(out / "config.yaml", cfg.to_dict())
+            if trainer.log.note:
+                trainer._say(trainer.log.note)
+            if trainer.it:
+                trainer._say(f"resuming {out} from iteration {trainer.it}.")
+        return trainer.fit()
+    finally:
+        distributed.teardown()
+
+
+def _finished_summary(cfg: TrainConfig, out: Path) -> dict | None:
+    """The summary of a finished run with the same settings in `out`, so it is never retrained."""
+    path = out / "summary.json"
+    if not (path.exists() and (out / "config.yaml").exists()):
+        return None
+    import json
+
+    import yaml
+
+    old = config_from_dict(yaml.safe_load((out / "config.yaml").read_text())).to_dict()
+    new = cfg.to_dict()
+    if any(old[k] != new[k] for k in new if k not in RUNTIME_KEYS):
+        return None  # the checkpoint check will name the difference
+    summary = json.loads(path.read_text())
+    return summary if summary.get("status") == "finished" else None

@@ -1,0 +1,118 @@
+"""What a run leaves in its directory: metrics.jsonl, TensorBoard events, curves.png, config and summary.
+
+Only rank 0 writes. On resume, metrics written after the checkpoint being resumed are dropped (they will
+be produced again, identically), so the log reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from ..artifacts import atomic_write_bytes
+
+
+class RunLog:
+    """metrics.jsonl plus TensorBoard scalars (when torch.utils.tensorboard imports)."""
+
+    def __init__(self, out_dir: Path, resume_iter: int | None, enabled: bool = True):
+        self.path = out_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        self.note = ""
+        if not enabled:
+            return
+        self._truncate(resume_iter)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = None if resume_iter is None else resume_iter + 1
+            self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=purge)
+        except ImportError:  # tensorboard is in the `demo` extra
+            self.note = "TensorBoard is not installed (pip install 'resnet[demo]'); no event files written."
+
+    def _truncate(self, resume_iter: int | None) -> None:
+        if not self.path.exists():
+            return
+        keep = []
+        if resume_iter is not None:
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["iter"] <= resume_iter:
+                        keep.append(line)
+                except (ValueError, KeyError):  # a line cut short by a kill
+                    continue
+        atomic_write_bytes(self.path, "".join(f"{line}\n" for line in keep).encode())
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key in ("loss", "top1_err", "top5_err", "lr", "images_per_s"):
+                if record.get(key) is not None:
+                    self.tb.add_scalar(f"{record['split']}/{key}", record[key], record["iter"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_yaml(path: Path, doc: dict) -> None:
+    atomic_write_bytes(path, yaml.safe_dump(doc, sort_keys=False).encode())
+
+
+def write_json(path: Path, doc: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(doc, indent=2) + "\n").encode())
+
+
+def plot_curves(metrics: list[dict], path: Path, title: str) -> str | None:
+    """Training error (thin) and validation error (bold) against iterations, as in the paper's Fig. 4/6.
+
+    Returns a note instead of raising when matplotlib (the `demo` extra) is missing.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'resnet[demo]'); curves.png not drawn."
+    train = [(m["iter"], m["top1_err"]) for m in metrics if m["split"] == "train"]
+    val = [(m["iter"], m["top1_err"]) for m in metrics if m["split"] == "val"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    if train:
+        ax.plot(*zip(*train, strict=True), lw=0.8, color="C0", label="train error")
+    if val:
+        ax.plot(*zip(*val, strict=True), lw=2.2, color="C0", label="val error",
+                marker="o" if len(val) < 3 else None)
+    ax.set_xlabel("iter.")
+    ax.set_ylabel("error (%)")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{100 * v:g}"))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return None
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    """A tqdm bar over iterations, quiet when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="it", dynamic_ncols=True, leave=True,
+                disable=not (enabled and sys.stderr.isatty()))
