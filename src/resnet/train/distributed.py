@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn as dist_nn
+from torch import nn
 
 from ..errors import UserError
 
@@ -57,6 +59,7 @@ def setup(device: str = "auto") -> DistInfo:
 
 
 def teardown() -> None:
+    GlooSyncBatchNorm.group = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -84,6 +87,50 @@ def gather_objects(obj, info: DistInfo) -> list:
     out = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+class GlooSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are over the global batch, for CPU processes (gloo).
+
+    PyTorch's SyncBatchNorm runs only on GPUs; this computes the same statistics with one differentiable
+    all-reduce of (sum, sum of squares, count) per layer, on its own process group so that it never
+    interleaves with DDP's gradient all-reduces.
+    """
+
+    group = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        c = x.shape[1]
+        count = x.new_full((1,), x.numel() / c)
+        stats = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count])
+        stats = dist_nn.all_reduce(stats, group=GlooSyncBatchNorm.group)
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return x * scale.view(1, c, 1, 1) + (self.bias - mean * scale).view(1, c, 1, 1)
+
+
+def convert_sync_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
+    """Every BatchNorm2d synchronised over the processes: PyTorch's SyncBatchNorm on CUDA, ours on CPU."""
+    if info.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if GlooSyncBatchNorm.group is None:
+        GlooSyncBatchNorm.group = dist.new_group(backend="gloo")
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            new = GlooSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine)
+            new.load_state_dict(child.state_dict())
+            setattr(model, name, new.to(child.weight.device))
+        else:
+            convert_sync_batchnorm(child, info)
+    return model
 
 
 def barrier(info: DistInfo) -> None:

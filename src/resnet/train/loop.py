@@ -167,7 +167,7 @@ class Trainer:
                                              zero_init_residual=cfg.zero_init_residual)
         raw = create_model(cfg.arch, **self.model_options).to(info.device)
         if cfg.sync_bn and info.enabled:
-            raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+            raw = distributed.convert_sync_batchnorm(raw, info)
         if cfg.channels_last:
             raw = raw.to(memory_format=torch.channels_last)
         self.raw = raw

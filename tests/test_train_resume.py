@@ -1,0 +1,144 @@
+"""Exact resume: a run killed (SIGKILL, at random steps and during a checkpoint write) or stopped (SIGTERM)
+and run again ends with the same weights and the same per-step losses as an uninterrupted run, bit for bit.
+
+Each run is a real subprocess, so a kill is a real kill; the data is the in-test fake of the data contract.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from resnet.train import checkpoint
+from test_train_helpers import tiny_overrides
+
+TESTS = Path(__file__).resolve().parent
+RUNNER = f"""
+import sys, json
+sys.path.insert(0, {str(TESTS)!r})
+from test_train_helpers import FakeData
+from resnet.errors import UserError
+from resnet.train import load_recipe, train
+try:
+    print(json.dumps(train(load_recipe("cifar10-resnet20", json.loads(sys.argv[2])), sys.argv[1],
+                           data_api=FakeData())))
+except UserError as err:
+    print(err, file=sys.stderr)
+    sys.exit(2)
+"""
+OVERRIDES = tiny_overrides(max_iters=24, milestones=[16], eval_every=8, checkpoint_every=5)
+
+
+def _start(out: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", RUNNER, str(out), json.dumps(OVERRIDES)],
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _finish(out: Path) -> dict:
+    proc = _start(out)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _last_train_iter(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    iters = [json.loads(line)["iter"] for line in path.read_text().splitlines()
+             if line.endswith("}") and '"train"' in line]
+    return max(iters, default=0)
+
+
+def _wait(proc: subprocess.Popen, ready, timeout: float = 90) -> None:
+    t0 = time.time()
+    while not ready():
+        assert proc.poll() is None, f"run ended before the kill point: {proc.communicate()[1]}"
+        assert time.time() - t0 < timeout, "timed out waiting for the kill point"
+        time.sleep(0.01)
+
+
+def _kill_at_step(out: Path, step: int) -> None:
+    proc = _start(out)
+    _wait(proc, lambda: _last_train_iter(out) >= step)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _record(out: Path) -> tuple[dict, list]:
+    weights = load_file(out / "model.safetensors")
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [(m["iter"], m["split"], m["loss"], m["top1_err"], m["lr"]) for m in lines]
+    return weights, steps
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    return out, _finish(out)
+
+
+def _assert_same(out: Path, reference) -> None:
+    weights, steps = _record(out)
+    ref_weights, ref_steps = _record(reference[0])
+    assert steps == ref_steps  # every per-step loss, error and lr, zero tolerance
+    assert weights.keys() == ref_weights.keys()
+    for key, value in ref_weights.items():
+        assert value.dtype == weights[key].dtype and bool((value == weights[key]).all()), key
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_steps_and_during_checkpoint_write_resumes_bit_for_bit(tmp_path, reference):
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    out = tmp_path / "run"
+    first = rng.randrange(6, 10)  # after the first checkpoint (iteration 5)
+    _kill_at_step(out, first)
+    assert checkpoint.load(out / checkpoint.NAME)["iteration"] == 5, f"seed {seed}"
+
+    # Killed while writing the next checkpoint: the previous one must survive whole.
+    proc = _start(out, {"RESNET_TEST_CHECKPOINT_SLEEP": "60"})
+    _wait(proc, lambda: any(out.glob(".checkpoint.pt.*.tmp")))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.load(out / checkpoint.NAME)["iteration"] == 5, f"seed {seed}"
+
+    _kill_at_step(out, rng.randrange(12, 20))
+    summary = _finish(out)
+    assert summary["status"] == "finished" and summary["iterations"] == 24
+    _assert_same(out, reference)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_a_step_boundary_and_exits_zero(tmp_path, reference):
+    out = tmp_path / "run"
+    proc = _start(out)
+    _wait(proc, lambda: _last_train_iter(out) >= 7)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "stopped by SIGTERM" in stderr and "resume" in stderr
+    state = checkpoint.load(out / checkpoint.NAME)
+    stopped_at = json.loads(stdout.strip().splitlines()[-1])["iterations"]
+    assert state["iteration"] == stopped_at == _last_train_iter(out)  # log_every=1: the step's own line
+    assert (state["epoch"], state["batch"]) == divmod(stopped_at, 16)  # 256 images / 16 per step
+    assert not (out / "summary.json").exists()
+    _finish(out)
+    _assert_same(out, reference)
+
+
+def test_finished_run_is_not_retrained(reference):
+    out, first = reference
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    again = _finish(out)
+    assert again == first and (out / "model.safetensors").stat().st_mtime_ns == stamp
