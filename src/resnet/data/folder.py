@@ -1,0 +1,113 @@
+"""ImageFolder scanning: ROOT/<split>/<class>/<image>, splits train/val/test, classes in sorted order.
+
+Only names are read here (and sizes/mtimes for the cache fingerprint); decoding happens in `cache`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from .decode import is_image_name
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ScannedSplit:
+    """The files of one split in a fixed order (class, then file name) with what the fingerprint needs."""
+
+    name: str
+    paths: list[str] = field(default_factory=list)  # absolute
+    labels: list[int] = field(default_factory=list)
+    stats: list[tuple[str, int, int]] = field(default_factory=list)  # (relative path, bytes, mtime_ns)
+    class_names: list[str] = field(default_factory=list)  # the classes this split's folder holds
+
+    def fingerprint(self, *extra: object) -> str:
+        """A hash of the file list, sizes, mtimes and `extra` (decode settings): changes when any does."""
+        h = hashlib.sha256()
+        for rel, size, mtime in self.stats:
+            h.update(f"{rel}\0{size}\0{mtime}\n".encode())
+        h.update(repr(extra).encode())
+        return h.hexdigest()
+
+
+def _visible_dirs(path: Path) -> list[str]:
+    with os.scandir(path) as it:
+        return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
+
+
+def _class_files(path: Path) -> list[os.DirEntry]:
+    """Image files in one class folder and its visible subfolders, sorted by path."""
+    out = []
+    stack = [path]
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir():
+                    stack.append(Path(e.path))
+                elif e.is_file() and is_image_name(e.name):
+                    out.append(e)
+    out.sort(key=lambda e: e.path)
+    return out
+
+
+def scan_folder(root: str | os.PathLike) -> tuple[list[str], dict[str, ScannedSplit]]:
+    """(sorted class names, {split: ScannedSplit}) for an ImageFolder root; UserError when it is not one."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise UserError(
+            f"the data folder {root} does not exist; give cifar10, cifar100, digits or a folder "
+            f"laid out as ROOT/train/<class>/<image>."
+        )
+    present = [s for s in SPLITS if (root / s).is_dir()]
+    if not present:
+        found = _visible_dirs(root)
+        hint = f" (it holds {', '.join(found[:5])}{', ...' if len(found) > 5 else ''})" if found else ""
+        raise UserError(
+            f"{root} has no train, val or test folder{hint}; lay it out as "
+            f"ROOT/train/<class>/<image> (and optionally ROOT/val, ROOT/test)."
+        )
+    splits: dict[str, ScannedSplit] = {}
+    for split in present:
+        split_dir = root / split
+        class_names = _visible_dirs(split_dir)
+        if not class_names:
+            raise UserError(
+                f"the {split} split {split_dir} has no class folders; put each class's images in "
+                f"{split_dir}/<class>/."
+            )
+        scanned = ScannedSplit(split, class_names=class_names)
+        for name in class_names:
+            files = _class_files(split_dir / name)
+            if not files:
+                raise UserError(
+                    f"the class folder {split_dir / name} holds no images; add some or remove it."
+                )
+            for e in files:
+                st = e.stat()
+                scanned.paths.append(e.path)
+                scanned.stats.append((os.path.relpath(e.path, root), st.st_size, st.st_mtime_ns))
+        splits[split] = scanned
+    if "train" in splits:
+        classes = splits["train"].class_names
+        for split in present:
+            extra = sorted(set(splits[split].class_names) - set(classes))
+            if extra:
+                raise UserError(
+                    f"the {split} split of {root} has classes that train lacks "
+                    f"({', '.join(extra[:5])}); every class must have training images."
+                )
+    else:
+        classes = sorted({c for s in splits.values() for c in s.class_names})
+    index = {c: i for i, c in enumerate(classes)}
+    for split in splits.values():
+        for rel, _, _ in split.stats:
+            split.labels.append(index[Path(rel).parts[1]])
+    return classes, splits
