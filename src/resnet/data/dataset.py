@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from .sources import CIFAR, default_cache_dir, load_cifar, load_digits_set
 NAMED_SOURCES = ("cifar10", "cifar100", "digits")
 MEMORY_LIMIT = 4 << 30  # bytes of uint8 pixels up to which a folder of equal-size images is held in memory
 PROBE_FILES = 64  # image headers read to decide between the memory and the streaming path
+MIN_STD = 1 / 255  # a constant channel is divided by one grey level, not by zero
+UNIFORM_SHARE = 0.95  # share of probed images that must have the most common size for the memory path
 WARN_LIMIT = 20  # skipped files named one by one in warnings; the rest are counted
 
 
@@ -162,7 +165,7 @@ def _memory_stats(split: MemorySplit, chunk: int = 4096) -> tuple[list[float], l
     total = hist.sum(1)
     mean = (hist * values).sum(1) / total
     var = (hist * values**2).sum(1) / total - mean**2
-    return [float(m) for m in mean], [float(max(v, 1e-12) ** 0.5) for v in var]
+    return [float(m) for m in mean], [max(float(max(v, 0.0) ** 0.5), MIN_STD) for v in var]
 
 
 def _stream_stats(split: StreamSplit, sample: int = 256) -> tuple[list[float], list[float]]:
@@ -190,8 +193,8 @@ def _stream_stats(split: StreamSplit, sample: int = 256) -> tuple[list[float], l
     if count == 0:
         return [0.5] * split.in_chans, [0.25] * split.in_chans
     mean = s1 / count
-    std = np.sqrt(np.maximum(s2 / count - mean**2, 1e-12))
-    return [float(m) for m in mean], [float(s) for s in std]
+    std = np.sqrt(np.maximum(s2 / count - mean**2, 0.0))
+    return [float(m) for m in mean], [max(float(s), MIN_STD) for s in std]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -249,12 +252,13 @@ def _load_named(name: str, data_dir, in_chans: int) -> tuple[list[str], dict]:
     return classes, {s: _memory_split(s, im, lab, in_chans) for s, (im, lab) in raw.items()}
 
 
-def _probe_size(paths: list[str], max_pixels: int) -> set[tuple[int, int]]:
+def _probe_sizes(paths: list[str], max_pixels: int) -> Counter:
+    """How often each (H, W) occurs among the headers of an even sample of `paths`."""
     n = len(paths)
-    sizes = set()
+    sizes: Counter = Counter()
     for i in np.unique(np.linspace(0, n - 1, num=min(PROBE_FILES, n)).round().astype(int)):
         try:
-            sizes.add(image_size(paths[i], max_pixels))
+            sizes[image_size(paths[i], max_pixels)] += 1
         except BadImage:
             pass
     return sizes
@@ -272,17 +276,19 @@ def _load_folder(
 ) -> tuple[list[str], dict, str]:
     classes, scanned = scan_folder(root)
     first = scanned.get("train") or next(iter(scanned.values()))
-    sizes = _probe_size(first.paths, max_pixels)
+    sizes = _probe_sizes(first.paths, max_pixels)
     total = sum(len(s.paths) for s in scanned.values())
+    size, count = sizes.most_common(1)[0] if sizes else ((0, 0), 0)
     if kind is None:
-        fits = len(sizes) == 1 and total * in_chans * np.prod(next(iter(sizes))) <= memory_limit
-        kind = "memory" if fits else "stream"
+        # Memory when (nearly) all images share one size and fit; the rare odd one is resized to it.
+        uniform = count >= UNIFORM_SHARE * sum(sizes.values())
+        fits = total * in_chans * size[0] * size[1] <= memory_limit
+        kind = "memory" if sizes and uniform and fits else "stream"
     if kind == "memory" and not sizes:
         kind = "stream"  # not one probed header was readable; the streaming index will say why
     splits = {}
     for name, sc in scanned.items():
         if kind == "memory":
-            size = max(sizes) if len(sizes) > 1 else next(iter(sizes))
             fp = sc.fingerprint("memory", in_chans, size, max_pixels, cache_mod.DECODE_VERSION, classes)
             arr, meta = cache_mod.build_or_load_memory(
                 sc.paths,

@@ -1,0 +1,227 @@
+"""ImageFolder sources: scanning rules, the decode cache, bad files, the streaming index, the val carve."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resnet.data import SkippedImageWarning, load_dataset
+from resnet.data import cache as cache_mod
+from resnet.data.folder import scan_folder
+from resnet.errors import UserError
+
+SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+
+
+def pixel(label: int, k: int) -> np.ndarray:
+    """A flat-colour 3 x 6 x 6 image whose colour encodes (label, k); PNG keeps it exact."""
+    return np.full((6, 6, 3), (label * 40 + 10, k * 7 + 3, 200), dtype=np.uint8)
+
+
+def make_folder(root: Path, spec: dict[str, dict[str, int]], size=(6, 6)) -> Path:
+    for split, classes in spec.items():
+        for ci, (name, count) in enumerate(sorted(classes.items())):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                arr = np.full((*size, 3), (ci * 40 + 10, k * 7 + 3, 200), dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"{k:03d}.png")
+    return root
+
+
+def test_scan_sorts_classes_and_ignores_hidden_and_non_images(tmp_path):
+    root = make_folder(tmp_path / "d", {"train": {"zebra": 2, "ant": 3}, "val": {"ant": 1}})
+    (root / "train" / ".cache").mkdir()
+    Image.fromarray(pixel(0, 0)).save(root / "train" / ".cache" / "x.png")
+    Image.fromarray(pixel(0, 0)).save(root / "train" / "ant" / ".hidden.png")
+    (root / "train" / "ant" / "notes.txt").write_text("hi")
+    (root / "train" / "README.md").write_text("hi")
+    classes, splits = scan_folder(root)
+    assert classes == ["ant", "zebra"] and sorted(splits) == ["train", "val"]
+    assert splits["train"].labels == [0, 0, 0, 1, 1] and splits["val"].labels == [0]
+    assert all(".hidden" not in p and ".cache" not in p for p in splits["train"].paths)
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("missing", "does not exist"),
+        ("no_split", "no train, val or test folder"),
+        ("empty_split", "has no class folders"),
+        ("empty_class", "holds no images"),
+        ("val_extra_class", "classes that train lacks"),
+    ],
+)
+def test_scan_errors_are_one_sentence(tmp_path, case, words):
+    root = tmp_path / "d"
+    if case == "no_split":
+        make_folder(tmp_path / "x", {"train": {"cat": 1}})
+        (tmp_path / "x" / "train").rename(root)  # ROOT/<class>/<image>: a split level is missing
+    elif case == "empty_split":
+        make_folder(root, {"train": {"cat": 1}})
+        (root / "val").mkdir()
+    elif case == "empty_class":
+        make_folder(root, {"train": {"cat": 1}})
+        (root / "train" / "dog").mkdir()
+        (root / "train" / "dog" / ".DS_Store").write_text("")
+    elif case == "val_extra_class":
+        make_folder(root, {"train": {"cat": 1}, "val": {"dog": 1}})
+    with pytest.raises(UserError, match=words) as err:
+        load_dataset(root, cache_dir=tmp_path / "cache")
+    assert str(err.value).endswith(".") and "\n" not in str(err.value)
+
+
+def test_memory_path_decodes_exactly_and_caches(tmp_path):
+    root = make_folder(tmp_path / "d", {"train": {"a": 3, "b": 2}, "test": {"a": 1, "b": 1}})
+    cache = tmp_path / "cache"
+    ds = load_dataset(root, cache_dir=cache, workers=1)
+    assert ds.kind == "memory" and ds.classes == ["a", "b"] and ds.image_size == (6, 6)
+    train = ds.splits["train"]
+    assert train.images.shape == (5, 3, 6, 6) and train.labels.tolist() == [0, 0, 0, 1, 1]
+    assert tuple(train.images[4, :, 0, 0].tolist()) == tuple(pixel(1, 1)[0, 0])
+    assert not any(p.suffix in (".npy", ".json") for p in root.rglob("*"))  # nothing written into the data
+    npys = sorted(cache.glob("*.npy"))
+    assert len(npys) == 2  # one per split
+    stamp = [p.stat().st_mtime_ns for p in npys]
+    again = load_dataset(root, cache_dir=cache, workers=1)
+    assert [p.stat().st_mtime_ns for p in sorted(cache.glob("*.npy"))] == stamp  # read, not rebuilt
+    assert np.array_equal(again.splits["train"].images.numpy(), train.images.numpy())
+    # A changed folder is decoded again, and the stale cache of that split is removed.
+    Image.fromarray(pixel(1, 9)).save(root / "train" / "b" / "new.png")
+    third = load_dataset(root, cache_dir=cache, workers=1)
+    assert len(third.splits["train"]) == 6 and len(list(cache.glob("*.npy"))) == 2
+
+
+def test_mean_std_per_channel_from_train(tmp_path):
+    root = make_folder(tmp_path / "d", {"train": {"a": 2, "b": 2}})
+    ds = load_dataset(root, cache_dir=tmp_path / "c", workers=1)
+    imgs = ds.splits["train"].images.numpy().astype(np.float64) / 255
+    assert np.allclose(ds.mean, imgs.mean(axis=(0, 2, 3)))
+    assert np.allclose(ds.std, np.maximum(imgs.std(axis=(0, 2, 3)), 1 / 255))  # channel 2 is constant
+    assert ds.std[0] > 0.05 and ds.std[1] > 0.01
+
+
+def test_cache_inside_data_folder_is_refused(tmp_path):
+    root = make_folder(tmp_path / "d", {"train": {"a": 1}})
+    with pytest.raises(UserError, match="inside the data folder"):
+        load_dataset(root, cache_dir=root / "cache")
+
+
+def _zoo(root: Path) -> None:
+    d = root / "train" / "a"
+    (d / "zero.jpg").write_bytes(b"")
+    (d / "text.png").write_text("not a png")
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(d / "ok.jpg", quality=90)
+    data = (d / "ok.jpg").read_bytes()
+    (d / "trunc.jpg").write_bytes(data[: len(data) // 2])
+
+
+def test_bad_files_are_skipped_with_warning_and_counted(tmp_path):
+    root = make_folder(tmp_path / "d", {"train": {"a": 2, "b": 2}})
+    _zoo(root)
+    with pytest.warns(SkippedImageWarning) as rec:
+        ds = load_dataset(root, cache_dir=tmp_path / "c", workers=2)
+    reasons = {Path(p).name: r for p, r in ds.skipped}
+    assert sorted(reasons) == ["text.png", "trunc.jpg", "zero.jpg"]
+    assert len(ds.splits["train"]) == 5 and ds.splits["train"].labels.tolist() == [0, 0, 0, 1, 1]
+    assert len(ds.splits["train"].skipped) == 3
+    assert any("zero.jpg" in str(w.message) for w in rec)
+
+
+def test_strict_fails_at_the_first_bad_file(tmp_path):
+    root = make_folder(tmp_path / "d", {"train": {"a": 2}})
+    _zoo(root)
+    with pytest.raises(UserError, match=r"text\.png .*--strict"):
+        load_dataset(root, cache_dir=tmp_path / "c", strict=True, workers=1)
+
+
+def test_odd_size_is_resized_into_the_memory_array(tmp_path):
+    root = make_folder(tmp_path / "d", {"train": {"a": 3}})
+    Image.fromarray(np.full((12, 18, 3), 77, np.uint8)).save(root / "train" / "a" / "big.png")
+    assert load_dataset(root, cache_dir=tmp_path / "c", workers=1).kind == "stream"  # 1 of 4 differs
+    ds = load_dataset(root, cache_dir=tmp_path / "c", workers=1, kind="memory")
+    assert ds.kind == "memory" and ds.splits["train"].images.shape == (4, 3, 6, 6)
+    assert (
+        ds.splits["train"].paths[3].endswith("big.png")
+        and int(ds.splits["train"].images[3].float().mean()) == 77
+    )
+
+
+def test_mixed_sizes_stream_with_validated_index(tmp_path):
+    root = tmp_path / "d"
+    for i, (h, w) in enumerate([(10, 14), (12, 9), (16, 16)]):
+        (root / "train" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((h, w, 3), 30 * i, np.uint8)).save(root / "train" / f"c{i % 2}" / f"{i}.jpg")
+    (root / "train" / "c0" / "bad.jpg").write_bytes(b"\xff\xd8\xff")
+    with pytest.warns(SkippedImageWarning):
+        ds = load_dataset(root, cache_dir=tmp_path / "c", workers=1)
+    train = ds.splits["train"]
+    assert ds.kind == "stream" and ds.image_size is None and len(train) == 3
+    assert sorted(train.sizes) == [(10, 14), (12, 9), (16, 16)] and len(ds.skipped) == 1
+    index = json.loads(next((tmp_path / "c").glob("*.stream.json")).read_text())
+    assert index["n"] == 4 and len(index["bad"]) == 1
+
+
+def test_val_carved_with_seed_count_or_fraction(tmp_path):
+    root = make_folder(tmp_path / "d", {"train": {"a": 10, "b": 10}})
+    ds = load_dataset(root, cache_dir=tmp_path / "c", val_size=5, seed=3, workers=1)
+    same = load_dataset(root, cache_dir=tmp_path / "c", val_size=5, seed=3, workers=1)
+    other = load_dataset(root, cache_dir=tmp_path / "c", val_size=0.25, seed=4, workers=1)
+    assert (len(ds.splits["train"]), len(ds.splits["val"])) == (15, 5)
+    assert ds.splits["val"].paths == same.splits["val"].paths
+    assert len(other.splits["val"]) == 5 and other.splits["val"].paths != ds.splits["val"].paths
+    assert not set(ds.splits["val"].paths) & set(ds.splits["train"].paths)
+    assert sorted(ds.splits["val"].paths + ds.splits["train"].paths) == sorted(
+        p for p in map(str, root.rglob("*.png"))
+    )
+    val = ds.splits["val"]
+    assert all(int(val.images[i, 0, 0, 0]) == 10 + 40 * int(val.labels[i]) for i in range(len(val)))
+    with pytest.raises(UserError, match="leaves no training images"):
+        load_dataset(root, cache_dir=tmp_path / "c", val_size=20, workers=1)
+
+
+def _load_in_child(root, cache, queue):
+    ds = load_dataset(root, cache_dir=cache, workers=1)
+    queue.put(ds.splits["train"].images.numpy().sum().item())
+
+
+def test_concurrent_processes_share_one_complete_cache(tmp_path):
+    root = make_folder(tmp_path / "d", {"train": {"a": 20, "b": 20}})
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_load_in_child, args=(root, tmp_path / "c", queue)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    sums = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    expect = load_dataset(root, cache_dir=tmp_path / "c", workers=1).splits["train"].images.numpy().sum()
+    assert sums == [expect] * 3 and all(p.exitcode == 0 for p in procs)
+    assert not [f for f in os.listdir(tmp_path / "c") if f.endswith(".tmp")]
+
+
+def test_fit_to_covers_then_centre_crops():
+    arr = np.zeros((3, 4, 8), np.uint8)
+    arr[:, :, 2:6] = 255  # bright centre columns
+    out = cache_mod.fit_to(arr, 4, 4)
+    assert out.shape == (3, 4, 4) and out.mean() > 200
+
+
+@pytest.mark.skipif(
+    not SHARED_CIFAR.is_dir(), reason="the shared CIFAR-10 JPEG folder is not on this machine"
+)
+def test_shared_cifar10_folder_scans_50000_in_10_classes():
+    classes, splits = scan_folder(SHARED_CIFAR)
+    train = splits["train"]
+    assert list(splits) == ["train"] and len(classes) == 10 and classes[0] == "airplane"
+    assert len(train.paths) == 50_000 and np.bincount(train.labels).tolist() == [5000] * 10
+    from resnet.data.decode import decode_image
+
+    for p in train.paths[::2500]:
+        assert decode_image(p).shape == (3, 32, 32)
