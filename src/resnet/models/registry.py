@@ -124,6 +124,10 @@ def resolve_options(name: str, **options) -> dict:
 
 
 def create_model(name: str, **options) -> ResNet:
+    return build_model(name, init_weights=True, **options)
+
+
+def build_model(name: str, *, init_weights: bool = True, **options) -> ResNet:
     """Build a named network of the paper, e.g. `create_model("resnet50", variant="v1.5")`.
 
     Options: num_classes, in_chans, shortcut ("A" | "B" | "C"; residual nets only), variant ("v1" |
@@ -142,4 +146,5 @@ def create_model(name: str, **options) -> ResNet:
         variant=opts["variant"],
         residual=spec.residual,
         zero_init_residual=opts["zero_init_residual"],
+        init_weights=init_weights,
     )

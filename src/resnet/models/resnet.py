@@ -35,6 +35,7 @@ class ResNet(nn.Module):
         variant: str = "v1",
         residual: bool = True,
         zero_init_residual: bool = False,
+        init_weights: bool = True,
     ):
         super().__init__()
         block_cls = BLOCKS[block]
@@ -69,7 +70,8 @@ class ResNet(nn.Module):
         self.num_features = in_chs
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_chs, num_classes)
-        self._init_weights(zero_init_residual)
+        if init_weights:  # skipped only where the values are never used (complexity counting)
+            self._init_weights(zero_init_residual)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
         # He et al. 2015 ("Delving deep into rectifiers"): normal, std sqrt(2 / fan_out), as the paper cites.

@@ -1,0 +1,48 @@
+"""Argument helpers shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_format(parser: argparse.ArgumentParser, choices: tuple[str, ...] = ("table", "json")) -> None:
+    parser.add_argument("--format", choices=choices, default=choices[0],
+                        help="output format (json for scripts)")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The create_model options as flags; unset flags keep the model's defaults."""
+    parser.add_argument("--shortcut", choices=("A", "B", "C"), help="shortcut option of Table 3")
+    parser.add_argument("--variant", choices=("v1", "v1.5"),
+                        help="v1: stride on the bottleneck's first 1x1 (paper); v1.5: on the 3x3 (torchvision)")
+    parser.add_argument("--num-classes", type=int, dest="num_classes")
+    parser.add_argument("--in-chans", type=int, dest="in_chans")
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    keys = ("shortcut", "variant", "num_classes", "in_chans")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def print_table(headers: list[str], rows: list[list], align: str | None = None) -> None:
+    """A plain aligned text table; `align` has one 'l' or 'r' per column (default: text left, numbers right)."""
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    if align is None:
+        align = "".join("r" if rows and isinstance(rows[0][i], int | float) else "l" for i in range(len(headers)))
+
+    def fmt(values):
+        return "  ".join(v.rjust(w) if a == "r" else v.ljust(w)
+                         for v, w, a in zip(values, widths, align, strict=True)).rstrip()
+
+    print(fmt(headers))
+    print(fmt(["-" * w for w in widths]))
+    for r in cells:
+        print(fmt(r))
