@@ -295,16 +295,19 @@ class Trainer:
         n = max(n, 1.0)
         return {"loss": loss / n, "top1_err": 1 - c1 / n, "top5_err": 1 - c5 / n, "n": int(n)}
 
-    def _eval_logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        views = x.shape[1] if x.dim() == 5 else 0  # (N, V, C, H, W): logits averaged over the V views
-        if views:
-            x = x.flatten(0, 1)
-        with torch.autocast(self.info.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            logits = model(x).float()
-            if self.cfg.tta_flip:
-                logits = (logits + model(x.flip(3)).float()) / 2
-        return logits.unflatten(0, (-1, views)).mean(1) if views else logits
+    def _eval_logits(self, model: nn.Module, x) -> torch.Tensor:
+        """Logits of a batch: a tensor (one view per image) or a multi-view batch with `.logits(fn)`
+        (resnet.data.views.ViewBatch), averaged over views; plus the mirror image when tta_flip."""
+
+        def forward(inp: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(self.info.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                out = model(inp).float()
+                if self.cfg.tta_flip:
+                    out = (out + model(inp.flip(3)).float()) / 2
+            return out
+
+        return x.logits(forward) if hasattr(x, "logits") else forward(x)
 
     # --- bookkeeping ----------------------------------------------------------------------------------
     def _since_start(self) -> float:
