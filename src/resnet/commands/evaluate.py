@@ -1,0 +1,62 @@
+"""`resnet eval MODEL --data ... [--split test] [--views ...] [--format json]`: top-1/top-5 error."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "top-1/top-5 error of a trained model on a data split"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..loading import add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--data", required=True,
+                        help="cifar10, cifar100, digits, or an ImageFolder directory ROOT/<split>/<class>/<image>")
+    parser.add_argument("--split", default=None, help="split to score (default: test, else val)")
+    parser.add_argument("--views", default=None, choices=("full", "center", "10crop", "multiscale"),
+                        help="evaluation view (default: the model's own; 10crop = Tables 2-3, "
+                             "multiscale = Table 4, full = CIFAR's single original view)")
+    parser.add_argument("--batch-size", type=int, default=128, dest="batch_size", help="images per batch")
+    parser.add_argument("--data-dir", dest="data_dir", help="where cifar10/cifar100 live")
+    parser.add_argument("--cache-dir", dest="cache_dir", help="decode cache folder")
+    parser.add_argument("--per-class", action="store_true", dest="per_class", help="also the error per class")
+    parser.add_argument("--confusion", metavar="PNG", help="write the confusion matrix as a PNG")
+    parser.add_argument("--backend", default="torch", choices=("torch", "compile", "onnxruntime"),
+                        help="inference backend (see docs/inference.md)")
+    parser.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluate import evaluate, save_confusion_png
+    from ..loading import load_from_args
+    from ._common import print_json, print_table
+
+    model, meta = load_from_args(args)
+    res = evaluate(model, meta, args.data, split=args.split, view=args.views, batch_size=args.batch_size,
+                   data_dir=args.data_dir, cache_dir=args.cache_dir,
+                   per_class=args.per_class or bool(args.confusion), backend=args.backend)
+    confusion = res.pop("_confusion")
+    if not args.per_class:
+        res.pop("per_class", None)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    if args.confusion:
+        save_confusion_png(confusion, meta["classes"], args.confusion)
+        res["confusion_png"] = args.confusion
+    if args.format == "json":
+        print_json(res)
+        return 0
+    print(f"{res['model']} on {res['data']} [{res['split']}], view {res['view']}: n={res['n']}  "
+          f"top-1 error {100 * res['top1_err']:.2f}%  top-{res['top5_k']} error {100 * res['top5_err']:.2f}%")
+    if res.get("skipped"):
+        print(f"({res['skipped']} unreadable images skipped)")
+    if args.per_class:
+        rows = [[r["class"], r["n"], "-" if r["top1_err"] is None else f"{100 * r['top1_err']:.2f}"]
+                for r in res["per_class"]]
+        print_table(["class", "n", "top-1 err %"], rows, align="lrr")
+    if args.confusion:
+        print(f"confusion matrix: {args.confusion}")
+    return 0

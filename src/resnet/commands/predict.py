@@ -1,0 +1,59 @@
+"""`resnet predict MODEL IMAGE_OR_DIR... [--topk 5] [--format table|json|csv]`: class predictions."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+
+HELP = "class predictions for images or folders"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..loading import add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of them")
+    parser.add_argument("--topk", type=int, default=5, help="how many classes per image (default 5)")
+    parser.add_argument("--batch-size", type=int, default=32, dest="batch_size", help="images per batch")
+    parser.add_argument("--backend", default="torch", choices=("torch", "compile", "onnxruntime"),
+                        help="inference backend (see docs/inference.md)")
+    parser.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import UserError
+    from ..inference import InferenceModel
+    from ..loading import load_from_args
+    from ..predict import find_images, predict_files
+    from ._common import print_json
+
+    if args.topk < 1:
+        raise UserError(f"--topk must be at least 1, not {args.topk}.")
+    model, meta = load_from_args(args)
+    paths = find_images(args.inputs)
+    predictor = InferenceModel(model, meta, backend=args.backend)
+    results = predict_files(predictor, meta, paths, topk=args.topk, batch_size=args.batch_size)
+    failed = [r for r in results if "error" in r]
+    if args.format == "json":
+        print_json(results)
+    elif args.format == "csv":
+        w = csv.writer(sys.stdout)
+        w.writerow(["path", "rank", "label", "prob", "error"])
+        for r in results:
+            for i, p in enumerate(r.get("predictions", []), 1):
+                w.writerow([r["path"], i, p["label"], f"{p['prob']:.6f}", ""])
+            if "error" in r:
+                w.writerow([r["path"], "", "", "", r["error"]])
+    else:
+        for r in results:
+            if "error" in r:
+                continue
+            top = "  ".join(f"{p['label']} {100 * p['prob']:.1f}%" for p in r["predictions"])
+            print(f"{r['path']}: {top}")
+    for r in failed:
+        print(f"resnet predict: '{r['path']}' {r['error']}; skipped.", file=sys.stderr)
+    if failed:
+        print(f"resnet predict: {len(failed)} of {len(results)} images failed.", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,173 @@
+"""Top-1/top-5 error of a trained model on a data split, with classes matched by name.
+
+The model's class list (saved with it) and the data's class list (sorted folder names) need not be in the
+same order, nor the same length: every data class must exist in the model, and each label is mapped to the
+model's index of that name before scoring. Under torchrun each rank scores a disjoint shard and the sums
+(a confusion matrix and the top-5 hits) are all-reduced, so each sample counts exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+
+def class_mapping(model_classes: list[str], data_classes: list[str]) -> torch.Tensor:
+    """Tensor m with m[data_index] = model_index of the same class name; one sentence when one is missing."""
+    index = {name: i for i, name in enumerate(model_classes)}
+    missing = [c for c in data_classes if c not in index]
+    if missing:
+        shown = ", ".join(repr(c) for c in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserError(f"the data has classes the model was not trained on ({shown}); evaluate on data whose "
+                        f"class folders are among the model's {len(model_classes)} classes.")
+    return torch.tensor([index[c] for c in data_classes], dtype=torch.long)
+
+
+class Scorer:
+    """Running sums for top-1/top-5 error: a confusion matrix (true x predicted, model indices) and top-5 hits."""
+
+    def __init__(self, num_classes: int, topk: int = 5):
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        self.topk = min(topk, num_classes)
+        self.top5_hits = torch.zeros((), dtype=torch.long)
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        logits, target = logits.detach().float().cpu(), target.cpu()
+        top = logits.topk(self.topk, dim=1).indices
+        self.top5_hits += (top == target[:, None]).any(dim=1).sum()
+        flat = target * self.confusion.shape[0] + top[:, 0]
+        self.confusion += torch.bincount(flat, minlength=self.confusion.numel()).view_as(self.confusion)
+
+    def all_reduce(self) -> None:
+        """Sum over ranks (a no-op outside torch.distributed)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch.cat([self.confusion.flatten(), self.top5_hits.view(1)])
+            if dist.get_backend() == "nccl":
+                flat = flat.cuda()
+            dist.all_reduce(flat)
+            flat = flat.cpu()
+            self.confusion = flat[:-1].view_as(self.confusion).clone()
+            self.top5_hits = flat[-1].clone()
+
+    def result(self, classes: list[str], data_classes: list[str] | None = None, per_class: bool = False) -> dict:
+        n = int(self.confusion.sum())
+        if n == 0:
+            raise UserError("the evaluated split holds no images; check --data and --split.")
+        top1_hits = int(self.confusion.diagonal().sum())
+        out = {"n": n, "top1_err": 1.0 - top1_hits / n, "top5_err": 1.0 - int(self.top5_hits) / n,
+               "top5_k": self.topk}
+        if per_class:
+            rows = []
+            present = set(data_classes) if data_classes is not None else None
+            for i, name in enumerate(classes):
+                count = int(self.confusion[i].sum())
+                if count or (present is not None and name in present):
+                    err = 1.0 - int(self.confusion[i, i]) / count if count else None
+                    rows.append({"class": name, "n": count, "top1_err": err})
+            out["per_class"] = rows
+        return out
+
+
+def score(predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, mapping: torch.Tensor,
+          num_classes: int) -> Scorer:
+    """Run `predict` over (x, y) batches (x a tensor or a multi-view batch), labels mapped to model indices."""
+    from .data.views import view_logits
+
+    scorer = Scorer(num_classes)
+    for x, y in batches:
+        scorer.update(view_logits(predict, x), mapping[y.cpu()])
+    scorer.all_reduce()
+    return scorer
+
+
+def _dist_info() -> tuple[int, int]:
+    """(rank, world size); joins the process group torchrun describes in the environment if not yet joined."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None = None,
+             view: str | None = None, batch_size: int = 128, data_dir: str | None = None,
+             cache_dir: str | None = None, per_class: bool = False, backend: str = "torch",
+             device: str = "cpu", predictor=None) -> dict:
+    """Score `model` (as loaded by `resnet.loading.load_model`) on `split` of `data`.
+
+    Normalisation is the model's own (meta mean/std), not the data's; `view` defaults to the model's
+    eval_view. Returns {"n", "top1_err", "top5_err", "split", "view", ...} on every rank.
+    """
+    from .data import load_dataset, make_loader
+    from .data.views import canonical_view
+    from .inference import InferenceModel
+
+    view = view or meta.get("eval_view") or "center"
+    try:
+        view = canonical_view(view)
+    except ValueError as err:
+        raise UserError(f"{err}.") from None
+    in_chans = int(meta["options"]["in_chans"])
+    ds = load_dataset(data, data_dir=data_dir, cache_dir=cache_dir, in_chans=in_chans)
+    if split is None:
+        split = next((s for s in ("test", "val") if s in ds.splits), None)
+        if split is None:
+            raise UserError(f"'{data}' has no test or val split (it has {', '.join(ds.splits)}); pass --split.")
+    if split not in ds.splits:
+        raise UserError(f"'{data}' has no '{split}' split; choose one of {', '.join(ds.splits)}.")
+    classes = list(meta["classes"])
+    mapping = class_mapping(classes, list(ds.classes))
+    rank, world = _dist_info()
+    loader = make_loader(ds.splits[split], batch_size, train=False, augment="none", mean=meta["mean"],
+                         std=meta["std"], rank=rank, world_size=world, device=device,
+                         channels_last=True, eval_view=view)
+    predictor = predictor or InferenceModel(model, meta, backend=backend, device=device)
+    start = time.perf_counter()
+    scorer = score(predictor, loader.iter_epoch(0), mapping, len(classes))
+    wall = time.perf_counter() - start
+    out = scorer.result(classes, list(ds.classes), per_class=per_class)
+    out.update({"model": meta.get("source"), "data": str(data), "split": split, "view": view,
+                "world_size": world, "skipped": len(getattr(ds, "skipped", []) or []),
+                "images_per_s": round(out["n"] / wall, 1) if wall > 0 else None})
+    out["_confusion"] = scorer.confusion
+    return out
+
+
+def save_confusion_png(confusion: torch.Tensor, classes: list[str], path: str | Path) -> None:
+    """Row-normalised confusion matrix (true class down, predicted across) as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--confusion needs matplotlib; install it with: pip install 'resnet[demo]'.") from None
+    keep = (confusion.sum(1) > 0) | (confusion.sum(0) > 0)
+    idx = keep.nonzero().flatten()
+    cm = confusion[idx][:, idx].double()
+    cm = cm / cm.sum(1, keepdim=True).clamp(min=1)
+    names = [classes[i] for i in idx.tolist()]
+    size = max(4.0, min(20.0, 0.35 * len(names) + 2))
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(cm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if len(names) <= 50:
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,115 @@
+"""Fast inference: BatchNorm folded into the convolutions, channels_last, inference mode.
+
+`fold_bn(model)` returns a copy in which every BatchNorm that follows a convolution is merged into that
+convolution's weight and bias (y = gamma * (conv(x) - mean) / sqrt(var + eps) + beta is itself a
+convolution), so inference runs one kernel where eager PyTorch runs two. `InferenceModel` is the
+predictor that `resnet eval` and `resnet predict` use; `benchmarks/infer.py` measures it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+BACKENDS = ("torch", "compile", "onnxruntime")
+
+
+def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Merge `bn` into `conv` in place (computed in float64, stored in the conv's dtype)."""
+    w = conv.weight.detach().double()
+    scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(scale)
+    new_bias = bn.bias.detach().double() + (bias - bn.running_mean.double()) * scale
+    conv.weight = nn.Parameter((w * scale.reshape(-1, 1, 1, 1)).to(conv.weight.dtype), requires_grad=False)
+    conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), requires_grad=False)
+
+
+def fold_bn(model: nn.Module) -> nn.Module:
+    """A copy of `model` (in eval mode) with each BatchNorm that directly follows a Conv2d folded into it.
+
+    Pairs are found structurally: attributes `convN` + `bnN` of one module (the stem and every block) and
+    consecutive (Conv2d, BatchNorm2d) entries of an `nn.Sequential` (projection shortcuts). The folded
+    BatchNorm becomes an `nn.Identity`, so the module's forward code is unchanged.
+    """
+    model = copy.deepcopy(model).eval()
+    for module in list(model.modules()):
+        children = dict(module.named_children())
+        if isinstance(module, nn.Sequential):
+            names = list(children)
+            for a, b in zip(names, names[1:], strict=False):
+                if isinstance(children[a], nn.Conv2d) and isinstance(children[b], nn.BatchNorm2d):
+                    _fold_pair(children[a], children[b])
+                    setattr(module, b, nn.Identity())
+            continue
+        for name, child in children.items():
+            if name.startswith("conv") and isinstance(child, nn.Conv2d):
+                bn = children.get("bn" + name[4:])
+                if isinstance(bn, nn.BatchNorm2d):
+                    _fold_pair(child, bn)
+                    setattr(module, "bn" + name[4:], nn.Identity())
+    return model
+
+
+def count_batchnorms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def default_threads() -> int:
+    """The cores this process may use (respects taskset/cgroup affinity, unlike os.cpu_count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+class InferenceModel:
+    """A trained model prepared for fast CPU (or GPU) inference; call it on normalised float batches.
+
+    backend "torch" (default, fastest by measurement on this project's CPUs; see docs/inference.md):
+    folded BN, channels_last, `torch.inference_mode`. "compile": the same through `torch.compile`.
+    "onnxruntime": the folded model exported to ONNX and run by ONNX Runtime.
+    """
+
+    def __init__(self, model: nn.Module, meta: dict | None = None, *, backend: str = "torch",
+                 device: str | torch.device = "cpu", channels_last: bool = True, fold: bool = True):
+        if backend not in BACKENDS:
+            raise UserError(f"inference backend must be one of {', '.join(BACKENDS)}, not '{backend}'.")
+        self.meta = dict(meta or {})
+        self.backend = backend
+        self.device = torch.device(device)
+        self.channels_last = channels_last
+        net = fold_bn(model) if fold else copy.deepcopy(model).eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        net = net.to(self.device)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        self.module = net
+        self._ort = None
+        self._fn = net
+        if backend == "compile":
+            self._fn = torch.compile(net)
+        elif backend == "onnxruntime":
+            from .export import onnx_session
+
+            self._ort = onnx_session(net, self.meta)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta.get("classes") or [])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (float32, on the CPU for onnxruntime, else on `device`) of a batch N x C x H x W."""
+        if self._ort is not None:
+            out = self._ort.run(None, {"input": x.detach().cpu().float().contiguous().numpy()})[0]
+            return torch.from_numpy(out)
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            return self._fn(x).float()

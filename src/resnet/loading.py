@@ -1,0 +1,317 @@
+"""Load a trained model from any file a user has, without ever unpickling arbitrary objects.
+
+Accepted: a run directory (`model.safetensors` + `model.json`, else `checkpoint.pt`), a `.safetensors`
+file (with its `model.json` beside it, or metadata embedded by `resnet export`), a resumable training
+checkpoint, or a torchvision/timm-layout ResNet state dict (`.pth`/`.pt`) for which the user names the
+architecture. Pickle files go through `torch.load(weights_only=True)`, which refuses every global that is
+not a tensor type; zip checkpoints are CRC-checked first so a flipped bit is caught, not silently loaded.
+
+torchvision's and timm's bottleneck ResNets (50/101/152) put the down-sampling stride on the 3x3
+convolution: load them with `variant="v1.5"`. The paper's layout (stride on the first 1x1) is "v1". The
+weights alone cannot tell the two apart, so for bottleneck nets without metadata the variant must be named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .artifacts import clean_state_dict
+from .errors import UserError
+from .models import create_model, model_spec, resolve_options
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
+CIFAR10_STD = [0.2470, 0.2435, 0.2616]
+META_KEY = "resnet"  # safetensors metadata entry holding model.json's content (written by `resnet export`)
+DIGEST_KEY = "weights_sha256"
+# Keys under which checkpoints commonly nest the weights, most specific first.
+_NESTED = ("ema", "model", "state_dict", "model_state_dict", "model_state", "module", "net")
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the sorted names, dtypes, shapes and bytes of a state dict: catches any flipped bit in the
+    tensor data, which neither safetensors nor torch.load check on their own."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _corrupt(path: Path, why: str) -> UserError:
+    return UserError(f"model file '{path}' is truncated or corrupt ({why}); copy it again or re-create it.")
+
+
+# --- reading files -------------------------------------------------------------------------------------
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a safetensors file; one-sentence error when it is damaged."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # SafetensorError, OSError, ValueError: all mean the bytes are not a valid file
+        raise _corrupt(path, str(err).splitlines()[0][:120] if str(err) else type(err).__name__) from None
+    return state, meta
+
+
+def read_pickle(path: Path, map_location="cpu") -> object:
+    """`torch.load(weights_only=True)` with the failure modes turned into one sentence each."""
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()  # CRC of every record: torch.load itself does not check them
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            raise _corrupt(path, str(err)[:120]) from None
+        if bad is not None:
+            raise _corrupt(path, f"checksum mismatch in '{bad}'")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "GLOBAL" in text or "Unsupported" in text or "weights_only" in text.lower() or "Weights only" in text:
+            culprit = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "")
+            detail = f" ({culprit.rstrip('.')})" if culprit else ""
+            raise UserError(f"refusing to load '{path}': it holds pickled Python objects, not just tensors"
+                            f"{detail}, and unpickling them could run arbitrary code; save a state_dict or "
+                            f"use model.safetensors instead.") from None
+        raise _corrupt(path, text.splitlines()[0][:120] if text else "unpickling failed") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, AttributeError) as err:
+        first = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise _corrupt(path, first) from None
+
+
+def _is_state_dict(obj: object) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _unnest(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The weights inside a loaded pickle, plus what the file says about them (checkpoint config)."""
+    if _is_state_dict(obj):
+        return obj, {}
+    if isinstance(obj, dict):
+        info = {"config": obj["config"]} if isinstance(obj.get("config"), dict) else {}
+        for key in _NESTED:
+            if _is_state_dict(obj.get(key)):
+                return obj[key], info
+    raise UserError(f"'{path}' holds no ResNet weights (expected a state dict or a checkpoint with a "
+                    f"'model' entry); pass a run directory, model.safetensors or a state_dict file.")
+
+
+# --- matching weights to a model -----------------------------------------------------------------------
+def _shape(t: torch.Tensor | None) -> str:
+    return "x".join(map(str, t.shape)) if t is not None and t.dim() else "scalar"
+
+
+def _limit(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    """Raise one sentence naming the mismatched keys or class counts when `state` does not fit `model`."""
+    want = model.state_dict()
+    if "fc.weight" in state and "fc.weight" in want and state["fc.weight"].shape != want["fc.weight"].shape:
+        got_n, exp_n = state["fc.weight"].shape[0], want["fc.weight"].shape[0]
+        if got_n != exp_n and state["fc.weight"].shape[1:] == want["fc.weight"].shape[1:]:
+            raise UserError(f"'{path}' has {got_n} output classes (fc.weight {_shape(state['fc.weight'])}) "
+                            f"but the model expects {exp_n}; drop the num_classes option or fix model.json.")
+    missing = [k for k in want if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in want]
+    wrong = [f"{k} ({_shape(state[k])} in the file, {_shape(want[k])} in {arch})"
+             for k in want if k in state and state[k].shape != want[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {_limit(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_limit(unexpected)}")
+        if wrong:
+            parts.append(f"wrong shape {_limit(wrong, 3)}")
+        raise UserError(f"the weights in '{path}' do not fit {arch}: {'; '.join(parts)}; check the "
+                        f"architecture (--arch) and its options.")
+
+
+def _infer_options(arch: str, state: dict[str, torch.Tensor], given: dict) -> dict:
+    """Options a bare state dict implies: class count, input channels and (residual nets) the shortcut."""
+    spec = model_spec(arch)
+    opts = dict(given)
+    if "fc.weight" in state:
+        opts.setdefault("num_classes", int(state["fc.weight"].shape[0]))
+    if "conv1.weight" in state and state["conv1.weight"].dim() == 4:
+        opts.setdefault("in_chans", int(state["conv1.weight"].shape[1]))
+    if spec.residual and "shortcut" not in opts:
+        n_blocks = sum(spec.layers)
+        n_proj = sum(1 for k in state if k.endswith("downsample.0.weight"))
+        opts["shortcut"] = "A" if n_proj == 0 else ("C" if n_proj == n_blocks else "B")
+    if spec.block == "bottleneck" and "variant" not in opts:
+        raise UserError(f"weights without metadata do not say where {arch}'s down-sampling stride sits: "
+                        f"add --option variant=v1.5 for torchvision or timm weights (stride on the 3x3) or "
+                        f"variant=v1 for the paper's layout (stride on the first 1x1).")
+    return opts
+
+
+def default_meta(arch: str, options: dict) -> dict:
+    """What model.json would say, for weights that came without one (torchvision/timm or a checkpoint)."""
+    spec = model_spec(arch)
+    c = options["in_chans"]
+    imagenet = spec.family == "imagenet"
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (CIFAR10_MEAN, CIFAR10_STD)
+    if c != 3:
+        mean, std = [sum(mean) / 3] * c, [sum(std) / 3] * c
+    return {"arch": arch, "options": options, "classes": [str(i) for i in range(options["num_classes"])],
+            "mean": mean, "std": std, "input_size": [c, 224, 224] if imagenet else [c, 32, 32],
+            "eval_view": "center" if imagenet else "full", "recipe": None, "metrics": {},
+            "assumed": ["classes", "mean", "std", "input_size", "eval_view"]}
+
+
+def _merge_options(meta_opts: dict, user_opts: dict, path: Path) -> dict:
+    clash = [k for k, v in user_opts.items() if k in meta_opts and v is not None and meta_opts[k] != v]
+    if clash:
+        k = clash[0]
+        raise UserError(f"option {k}={user_opts[k]!r} contradicts the {k}={meta_opts[k]!r} recorded with "
+                        f"'{path}'; drop the option.")
+    return {**meta_opts, **{k: v for k, v in user_opts.items() if v is not None}}
+
+
+def _build(arch: str, options: dict, state: dict[str, torch.Tensor], path: Path, folded: bool) -> nn.Module:
+    model = create_model(arch, **options)
+    if folded:
+        from .inference import fold_bn
+
+        model = fold_bn(model)
+    check_state_dict(model, state, path, arch)
+    if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
+        raise _corrupt(path, "non-finite weights")
+    model.load_state_dict(state, strict=False)  # strict up to num_batches_tracked, checked above
+    return model.eval()
+
+
+# --- the one entry point -------------------------------------------------------------------------------
+def _locate(path: Path) -> tuple[Path, Path | None]:
+    """(weights file, model.json or None) for a run directory or a file."""
+    if not path.exists():
+        raise UserError(f"model '{path}' does not exist; pass a run directory (resnet train --out), a "
+                        f"model.safetensors or a .pt/.pth file.")
+    if path.is_dir():
+        for name in ("model.safetensors", "checkpoint.pt"):
+            if (path / name).is_file():
+                sidecar = path / "model.json"
+                return path / name, sidecar if sidecar.is_file() else None
+        raise UserError(f"run directory '{path}' holds neither model.safetensors nor checkpoint.pt; train "
+                        f"into it first or pass the model file itself.")
+    if path.suffix == ".json":
+        weights = path.with_suffix(".safetensors")
+        if not weights.is_file():
+            raise UserError(f"'{path}' describes a model but '{weights}' is missing beside it.")
+        return weights, path
+    sidecar = path.with_suffix(".json") if path.suffix == ".safetensors" else path.parent / "model.json"
+    return path, sidecar if sidecar.is_file() else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"model description '{path}' is not valid JSON ({err}); re-create it.") from None
+    if not isinstance(doc, dict) or "arch" not in doc:
+        raise UserError(f"'{path}' is not a resnet model.json (no 'arch'); re-create it.")
+    return doc
+
+
+def load_model(path: str | Path, *, arch: str | None = None, options: dict | None = None,
+               map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """(model in eval mode, metadata as in model.json) from a run dir, safetensors, checkpoint or state dict.
+
+    `arch` and `options` are needed only for files that do not describe themselves (torchvision/timm state
+    dicts); when given for one that does, they must agree with it. meta["source"] is the weights file,
+    meta["bn_folded"] tells whether the model came with BatchNorm already folded (from `resnet export`).
+    """
+    path = Path(path)
+    user_opts = dict(options or {})
+    weights, sidecar = _locate(path)
+    meta: dict | None = None
+    if weights.suffix == ".safetensors":
+        state, header = read_safetensors(weights)
+        if META_KEY in header:
+            try:
+                meta = json.loads(header[META_KEY])
+            except json.JSONDecodeError:
+                raise _corrupt(weights, "its embedded metadata is not JSON") from None
+        elif sidecar is not None:
+            meta = _read_json(sidecar)
+    else:
+        state, info = _unnest(read_pickle(weights), weights)
+        cfg = info.get("config") or {}
+        if sidecar is not None:
+            meta = _read_json(sidecar)
+        elif cfg.get("arch"):  # a training checkpoint without its model.json: rebuild the options from config
+            arch_opts = {k: cfg.get(k) for k in ("in_chans", "shortcut", "variant", "zero_init_residual")}
+            user_opts = _merge_options({k: v for k, v in arch_opts.items() if v is not None}, user_opts, weights)
+            arch = arch or cfg["arch"]
+    state = clean_state_dict(state)
+    if meta is not None:
+        if arch is not None and arch != meta["arch"]:
+            raise UserError(f"--arch {arch} contradicts the architecture {meta['arch']} recorded with "
+                            f"'{weights}'; drop --arch.")
+        arch = meta["arch"]
+        opts = resolve_options(arch, **_merge_options(dict(meta.get("options") or {}), user_opts, weights))
+        base = default_meta(arch, opts)
+        assumed = [k for k in base.pop("assumed") if k not in meta]
+        meta = {**base, **meta, "options": opts, **({"assumed": assumed} if assumed else {})}
+    else:
+        if arch is None:
+            raise UserError(f"'{weights}' does not say which network it holds; name it with --arch (e.g. "
+                            f"--arch resnet50 --option variant=v1.5 for torchvision weights).")
+        opts = resolve_options(arch, **_infer_options(arch, state, user_opts))
+        meta = default_meta(arch, opts)
+    expected = meta.get(DIGEST_KEY)
+    if expected and state_digest(state) != expected:
+        raise _corrupt(weights, "its weights do not match the recorded checksum")
+    classes = meta.get("classes") or []
+    if len(classes) != opts["num_classes"]:
+        raise UserError(f"'{weights}' lists {len(classes)} class names but the model has "
+                        f"{opts['num_classes']} outputs; fix the classes in model.json.")
+    model = _build(arch, opts, state, weights, folded=bool(meta.get("bn_folded")))
+    meta["source"] = str(weights)
+    meta.setdefault("bn_folded", False)
+    return model.to(map_location), meta
+
+
+# --- shared command-line arguments ---------------------------------------------------------------------
+def parse_options(pairs: list[str] | None) -> dict:
+    """`["variant=v1.5", "num_classes=10"]` -> {"variant": "v1.5", "num_classes": 10} (ints and bools typed)."""
+    out: dict = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--option takes KEY=VALUE (e.g. variant=v1.5), not '{pair}'.")
+        low = value.lower()
+        out[key.strip()] = (int(value) if value.lstrip("-").isdigit() else
+                            low == "true" if low in ("true", "false") else value)
+    return out
+
+
+def add_model_arguments(parser) -> None:
+    """MODEL plus --arch/--option, shared by eval, predict and export."""
+    parser.add_argument("model", metavar="MODEL",
+                        help="run directory, model.safetensors, checkpoint.pt, or a torchvision/timm .pth")
+    parser.add_argument("--arch", default=None,
+                        help="architecture of a state dict without metadata (e.g. resnet50)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="model option for such a state dict, e.g. variant=v1.5 for torchvision "
+                             "bottleneck weights (repeatable)")
+
+
+def load_from_args(args, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    return load_model(args.model, arch=args.arch, options=parse_options(args.option), map_location=map_location)
