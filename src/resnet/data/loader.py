@@ -224,7 +224,7 @@ def _resize_shorter_np(arr: np.ndarray, short: int) -> np.ndarray:
         return arr
     img = Image.fromarray(arr[0] if c == 1 else arr.transpose(1, 2, 0))
     out = np.asarray(img.resize((nw, nh), Image.BILINEAR))
-    return out[None] if c == 1 else out.transpose(2, 0, 1)
+    return np.array(out[None] if c == 1 else out.transpose(2, 0, 1))  # a writable, contiguous copy
 
 
 def _collate(samples):

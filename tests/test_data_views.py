@@ -1,0 +1,46 @@
+"""Evaluation views: centre crop, 10-crop, multi-scale, and logits averaged over views."""
+
+from __future__ import annotations
+
+import torch
+
+from resnet.data.views import ViewBatch, center_view, make_views, multiscale, ten_crop, view_logits
+
+
+def test_center_view_sizes_and_content():
+    x = torch.arange(2 * 1 * 8 * 12, dtype=torch.float32).view(2, 1, 8, 12)
+    out = center_view(x, resize=8, crop=4)  # no resize needed: shorter side is already 8
+    assert out.shape == (2, 1, 4, 4) and torch.equal(out, x[..., 2:6, 4:8])
+    assert center_view(x, resize=4, crop=4).shape == (2, 1, 4, 4)  # resized to 4 x 6 first
+
+
+def test_ten_crop_corners_centre_and_mirrors():
+    x = torch.rand(3, 3, 6, 6)
+    out = ten_crop(x, resize=6, crop=4)
+    assert out.shape == (3, 10, 3, 4, 4)
+    assert torch.equal(out[:, 0], x[..., :4, :4]) and torch.equal(out[:, 3], x[..., 2:, 2:])
+    assert torch.equal(out[:, 4], x[..., 1:5, 1:5])
+    assert torch.equal(out[:, 5:], out[:, :5].flip(-1))
+
+
+def test_multiscale_keeps_aspect_and_flips():
+    x = torch.rand(2, 3, 10, 20)
+    outs = multiscale(x, scales=(5, 8), flip=True)
+    assert [o.shape for o in outs] == [(2, 2, 3, 5, 10), (2, 2, 3, 8, 16)]
+    assert torch.equal(outs[0][:, 1], outs[0][:, 0].flip(-1))
+
+
+def test_view_logits_average_over_views():
+    model = lambda v: v.mean(dim=(2, 3))  # noqa: E731 - a "model" whose logits are the channel means
+    x = torch.rand(4, 3, 6, 6)
+    assert torch.equal(view_logits(model, make_views(x, "full")), model(x))
+    ten = make_views(x, "10crop")
+    assert isinstance(ten, ViewBatch)
+    expect = ten_crop(x).flatten(0, 1).mean(dim=(2, 3)).view(4, 10, 3).mean(1)
+    assert torch.allclose(view_logits(model, ten), expect, atol=1e-6)
+    # Groups of different sizes and owners: per-image averages over every view it owns.
+    vb = ViewBatch(
+        [(torch.ones(2, 1, 2, 2), torch.tensor([0, 1])), (torch.full((1, 1, 3, 3), 3.0), torch.tensor([0]))],
+        2,
+    )
+    assert view_logits(model, vb).flatten().tolist() == [2.0, 1.0]
