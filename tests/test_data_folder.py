@@ -187,6 +187,9 @@ def test_val_carved_with_seed_count_or_fraction(tmp_path):
 
 
 def _load_in_child(root, cache, queue):
+    import torch
+
+    torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool (as DataLoader workers)
     ds = load_dataset(root, cache_dir=cache, workers=1)
     queue.put(ds.splits["train"].images.numpy().sum().item())
 
@@ -198,9 +201,13 @@ def test_concurrent_processes_share_one_complete_cache(tmp_path):
     procs = [ctx.Process(target=_load_in_child, args=(root, tmp_path / "c", queue)) for _ in range(3)]
     for p in procs:
         p.start()
-    sums = [queue.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
+    try:
+        sums = [queue.get(timeout=30) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
     expect = load_dataset(root, cache_dir=tmp_path / "c", workers=1).splits["train"].images.numpy().sum()
     assert sums == [expect] * 3 and all(p.exitcode == 0 for p in procs)
     assert not [f for f in os.listdir(tmp_path / "c") if f.endswith(".tmp")]
