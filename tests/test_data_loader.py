@@ -205,3 +205,29 @@ def test_stream_file_broken_mid_run_is_skipped_or_strict(tmp_path):
     assert sizes == [2, 3] and loader.skipped == [(split.paths[1], "is an empty file (0 bytes)")]
     with pytest.raises(UserError, match="empty file"):
         list(make_loader(split, 3, strict=True, **kw).iter_epoch(0))
+
+
+def test_batch_work_runs_single_threaded_and_restores_the_callers_threads():
+    before = torch.get_num_threads()
+    split = memory_split(8)
+    loader = make_loader(split, 4, train=True, mean=[0.5] * 3, std=[0.2] * 3)
+    for _ in loader.iter_epoch(0):
+        assert torch.get_num_threads() == before  # the consumer (the training step) sees its own count
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_memory_loader_matches_cpu():
+    split = memory_split(40, h=8, w=8)
+    kw = dict(train=True, augment="cifar", mean=[0.5] * 3, std=[0.25] * 3, seed=5, cfg=AugmentConfig(pad=2))
+    cpu = _epoch(make_loader(split, 8, **kw), 3)
+    gpu = _epoch(make_loader(split, 8, device="cuda", channels_last=True, **kw), 3)
+    assert gpu[0][0].device.type == "cuda" and gpu[0][0].is_contiguous(memory_format=torch.channels_last)
+    for (xc, yc), (xg, yg) in zip(cpu, gpu, strict=True):
+        assert torch.equal(yc, yg.cpu()) and torch.allclose(xc, xg.cpu(), atol=1e-5)
+    img = memory_split(6, h=12, w=16)
+    kwi = dict(train=True, augment="imagenet", mean=[0.5] * 3, std=[0.25] * 3, cfg=TINY)
+    xc = next(make_loader(img, 6, **kwi).iter_epoch(0))[0]
+    xg = next(make_loader(img, 6, device="cuda", **kwi).iter_epoch(0))[0]
+    assert torch.allclose(xc, xg.cpu(), atol=1e-3)

@@ -12,6 +12,7 @@ world_size and dealt round-robin (as torch's DistributedSampler). Random augment
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterator
@@ -28,6 +29,22 @@ from .decode import BadImage, decode_image
 from .views import ViewBatch, canonical_view, make_views, shorter_side_size
 
 AUGMENTS = ("cifar", "imagenet", "none")
+
+
+@contextlib.contextmanager
+def single_thread(enabled: bool = True):
+    """Run the batch ops on one CPU thread: they are small and memory-bound, and intra-op threads cost
+    more in synchronisation than they gain (measured on 2 busy cores: 37k vs 7k images/s). Restores the
+    caller's thread count, so the training step keeps its own."""
+    if not enabled:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class _Loader:
@@ -132,14 +149,16 @@ class MemoryLoader(_Loader):
     ) -> Iterator[tuple[torch.Tensor | ViewBatch, torch.Tensor]]:
         """(x, y) batches of `epoch` from batch `start_batch` on; x normalised float32 on the device."""
         for b, idx in self._batches(epoch, start_batch):
-            if self._on_device:
-                idx_d = idx.to(self.device)
-                x, y = self._device_images[idx_d], self._labels_dev[idx_d]
-            else:
-                x = self.split.gather(idx)
-                y = self.split.labels[idx]
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            yield self._transform(x, epoch, b), y
+            with single_thread(self.device.type == "cpu"):
+                if self._on_device:
+                    idx_d = idx.to(self.device)
+                    x, y = self._device_images[idx_d], self._labels_dev[idx_d]
+                else:
+                    x = self.split.gather(idx)
+                    y = self.split.labels[idx]
+                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                out = self._transform(x, epoch, b)
+            yield out, y
 
     def _transform(self, x: torch.Tensor, epoch: int, b: int):
         gen = generator(self.seed, epoch, self.rank, b)
@@ -311,7 +330,9 @@ class StreamLoader(_Loader):
                 self._skip(self.split.paths[i], reason)
             if x is None:
                 continue
-            yield self._transform(x, y, epoch, b)
+            with single_thread(self.device.type == "cpu"):
+                out = self._transform(x, y, epoch, b)
+            yield out
 
     def _skip(self, path: str, reason: str) -> None:
         if self.strict:
