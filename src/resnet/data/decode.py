@@ -52,10 +52,11 @@ def open_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
         raise BadImage("is an empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
             img = Image.open(path)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise BadImage(f"is larger than the limit of {max_pixels:,} pixels (a decompression bomb?)") from None
+    except Image.DecompressionBombError:  # Pillow's hard limit (2 x its MAX_IMAGE_PIXELS)
+        raise BadImage(f"is larger than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels "
+                       f"(a decompression bomb?)") from None
     except Exception as err:  # noqa: BLE001 - Pillow raises many types for junk input
         raise BadImage(f"is not an image Pillow can read ({type(err).__name__}: {_short(err)})") from None
     w, h = img.size

@@ -132,7 +132,6 @@ class MemoryLoader(_Loader):
 
     def __init__(self, split: MemorySplit, batch_size: int, **kw):
         super().__init__(split, batch_size, **kw)
-        self._images = split.images if split._index is None else None
         # On a GPU, hold the uint8 split there once (CIFAR-10 is 150 MB): no host-to-device copy per batch.
         self._on_device = self.device.type != "cpu" and split.images.numel() <= (2 << 30)
         self._device_images = split.images.to(self.device) if self._on_device else None
@@ -231,7 +230,7 @@ class _FileSet(torch.utils.data.Dataset):
             x = torch.from_numpy(_resize_shorter_np(self._decode(i, cfg.resize), cfg.resize))[None].float()
             return views_mod.ten_crop(x, cfg.resize, cfg.crop)[0].round().to(torch.uint8)
         # multiscale: one uint8 image per scale (sizes differ between images: grouped per image in collate)
-        arr = self._decode(i, min(cfg.scales))
+        arr = self._decode(i, max(cfg.scales))  # draft no smaller than the largest scale needs
         return [torch.from_numpy(_resize_shorter_np(arr, s)) for s in cfg.scales]
 
 
