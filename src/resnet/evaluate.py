@@ -100,9 +100,21 @@ def _dist_info() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def view_config(meta: dict):
+    """The views' sizes scaled to the model's input size: the paper's 224 crop of a 256 image (and scales
+    224..640) for ImageNet models, the same ratios for any other size (a 32-pixel model gets 37 -> 32)."""
+    from .data.augment import AugmentConfig
+
+    crop = int(min(meta["input_size"][1:]))
+    base = AugmentConfig()
+    ratio = crop / base.crop
+    return AugmentConfig(crop=crop, resize=round(base.resize * ratio),
+                         scales=tuple(round(s * ratio) for s in base.scales))
+
+
 def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None = None,
              view: str | None = None, batch_size: int = 128, data_dir: str | None = None,
-             cache_dir: str | None = None, per_class: bool = False, backend: str = "torch",
+             cache_dir: str | None = None, per_class: bool = False, backend: str = "auto",
              device: str = "cpu", predictor=None) -> dict:
     """Score `model` (as loaded by `resnet.loading.load_model`) on `split` of `data`.
 
@@ -131,7 +143,7 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
     rank, world = _dist_info()
     loader = make_loader(ds.splits[split], batch_size, train=False, augment="none", mean=meta["mean"],
                          std=meta["std"], rank=rank, world_size=world, device=device,
-                         channels_last=True, eval_view=view)
+                         channels_last=True, eval_view=view, cfg=view_config(meta))
     predictor = predictor or InferenceModel(model, meta, backend=backend, device=device)
     start = time.perf_counter()
     scorer = score(predictor, loader.iter_epoch(0), mapping, len(classes))

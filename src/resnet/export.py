@@ -4,7 +4,7 @@ BatchNorm is folded into the convolutions by default for ONNX and TorchScript (i
 in place for safetensors unless asked (so the file still loads into the trainable architecture; a folded
 safetensors file loads too, marked `bn_folded`). The metadata (architecture, classes, normalisation, input
 size, evaluation view) travels as ONNX `metadata_props` (key "resnet", JSON), a TorchScript extra file
-`resnet.json`, or the safetensors header entry "resnet". The batch dimension is dynamic.
+`resnet.json`, or the safetensors header entry "resnet". Batch, height and width are dynamic.
 """
 
 from __future__ import annotations
@@ -49,14 +49,18 @@ def _require_onnx():
 
 
 def onnx_bytes(net: nn.Module, meta: dict) -> bytes:
-    """The ONNX model of `net` (eval mode, NCHW float32 in, logits out, dynamic batch) with metadata_props."""
+    """The ONNX model of `net` (eval mode, NCHW float32 in, logits out) with metadata_props.
+
+    Batch, height and width are dynamic: the network is fully convolutional up to the global pool, and the
+    paper's multi-scale evaluation (Table 4) feeds it several sizes.
+    """
     onnx = _require_onnx()
     net = net.eval().to("cpu", memory_format=torch.contiguous_format)
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
         torch.onnx.export(net, (_example(meta, 1),), buf, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                          dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}},
                           opset_version=ONNX_OPSET, do_constant_folding=True, dynamo=False)
     proto = onnx.load_from_string(buf.getvalue())
     del proto.metadata_props[:]

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import UserError
 
-BACKENDS = ("torch", "compile", "onnxruntime")
+BACKENDS = ("auto", "torch", "compile", "onnxruntime")
 
 
 def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -67,21 +67,34 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def _has_onnxruntime() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class InferenceModel:
     """A trained model prepared for fast CPU (or GPU) inference; call it on normalised float batches.
 
-    backend "torch" (default, fastest by measurement on this project's CPUs; see docs/inference.md):
-    folded BN, channels_last, `torch.inference_mode`. "compile": the same through `torch.compile`.
-    "onnxruntime": the folded model exported to ONNX and run by ONNX Runtime.
+    backend "torch": folded BN, channels_last, `torch.inference_mode`. "compile": the same through
+    `torch.compile`. "onnxruntime": the folded model exported to ONNX and run by ONNX Runtime (on the CPU
+    the fastest by measurement, see docs/inference.md). "auto" (default): onnxruntime on the CPU when it
+    is installed, else torch.
     """
 
-    def __init__(self, model: nn.Module, meta: dict | None = None, *, backend: str = "torch",
-                 device: str | torch.device = "cpu", channels_last: bool = True, fold: bool = True):
+    def __init__(self, model: nn.Module, meta: dict | None = None, *, backend: str = "auto",
+                 device: str | torch.device = "cpu", channels_last: bool = True, fold: bool = True,
+                 threads: int | None = None):
         if backend not in BACKENDS:
             raise UserError(f"inference backend must be one of {', '.join(BACKENDS)}, not '{backend}'.")
         self.meta = dict(meta or {})
-        self.backend = backend
         self.device = torch.device(device)
+        if backend == "auto":
+            backend = "onnxruntime" if self.device.type == "cpu" and _has_onnxruntime() else "torch"
+        self.backend = backend
         self.channels_last = channels_last
         net = fold_bn(model) if fold else copy.deepcopy(model).eval()
         for p in net.parameters():
@@ -97,7 +110,7 @@ class InferenceModel:
         elif backend == "onnxruntime":
             from .export import onnx_session
 
-            self._ort = onnx_session(net, self.meta)
+            self._ort = onnx_session(net, self.meta, threads=threads)
 
     @property
     def classes(self) -> list[str]:

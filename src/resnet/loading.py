@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -76,7 +77,9 @@ def read_pickle(path: Path, map_location="cpu") -> object:
         if bad is not None:
             raise _corrupt(path, f"checksum mismatch in '{bad}'")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
         if "GLOBAL" in text or "Unsupported" in text or "weights_only" in text.lower() or "Weights only" in text:

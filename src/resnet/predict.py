@@ -40,8 +40,8 @@ def prepare(img: torch.Tensor, meta: dict) -> torch.Tensor:
     to that size and centre-cropped. "center"/"10crop"/"multiscale": the data module's views, scaled to the
     model's input size (resize = crop * 256/224, as the paper's 256/224).
     """
-    from .data.augment import AugmentConfig
     from .data.views import ViewBatch, canonical_view, center_view, make_views
+    from .evaluate import view_config
 
     _, h, w = (int(v) for v in meta["input_size"])
     x = img.float().unsqueeze(0)
@@ -51,8 +51,7 @@ def prepare(img: torch.Tensor, meta: dict) -> torch.Tensor:
             x = center_view(x, resize=min(h, w), crop=min(h, w))
         views = x
     else:
-        crop = min(h, w)
-        cfg = AugmentConfig(crop=crop, resize=round(crop * 256 / 224))
+        cfg = view_config(meta)
         v = make_views(x, view, cfg)
         if isinstance(v, ViewBatch) and view == "multiscale":  # sizes differ: keep predict at one scale
             v = make_views(x, "10crop", cfg)

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", dest="cache_dir", help="decode cache folder")
     parser.add_argument("--per-class", action="store_true", dest="per_class", help="also the error per class")
     parser.add_argument("--confusion", metavar="PNG", help="write the confusion matrix as a PNG")
-    parser.add_argument("--backend", default="torch", choices=("torch", "compile", "onnxruntime"),
+    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "compile", "onnxruntime"),
                         help="inference backend (see docs/inference.md)")
     parser.add_argument("--format", choices=("table", "json"), default="table", help="output format")
 

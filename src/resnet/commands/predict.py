@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of them")
     parser.add_argument("--topk", type=int, default=5, help="how many classes per image (default 5)")
     parser.add_argument("--batch-size", type=int, default=32, dest="batch_size", help="images per batch")
-    parser.add_argument("--backend", default="torch", choices=("torch", "compile", "onnxruntime"),
+    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "compile", "onnxruntime"),
                         help="inference backend (see docs/inference.md)")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format")
 

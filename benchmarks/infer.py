@@ -1,0 +1,154 @@
+"""CPU inference throughput: our predictor vs eager fp32 NCHW PyTorch vs ONNX Runtime, in one process.
+
+Cases (the issue's): ResNet-50 at 224x224, batch 1 and 32; ResNet-20 at 32x32, batch 256. Per case:
+- eager: the model as a typical user runs it (fp32, NCHW, BatchNorm unfused, `torch.no_grad`);
+- ours: `resnet.inference.InferenceModel` with its default backend (what eval and predict use);
+- onnxruntime: the same exported ONNX model (BN folded) in a default `InferenceSession`.
+Methods are timed in interleaved rounds (eager, ours, ort, eager, ...) so that load from other processes
+hits all three alike; the figure is the median. Equal accuracy: on real CIFAR-10 JPEGs (upscaled for
+ResNet-50) every method's logits are compared with eager's (max abs difference) and top-1 must agree on
+every image. The models are freshly initialised with randomised BatchNorm statistics (no trained ImageNet
+weights here), which exercises folding as trained weights would.
+
+Fraction of peak: FLOPs = 2 x multiply-adds (resnet.complexity); FP32 peak = cores x 32 FLOP/cycle (AVX2,
+two FMA units) x clock, both read at run time. Prints one JSON line per figure. Run: python benchmarks/infer.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from resnet import create_model
+from resnet.complexity import layer_costs
+from resnet.data.decode import decode_image
+from resnet.data.views import center_view
+from resnet.export import export_meta, onnx_bytes
+from resnet.inference import InferenceModel, default_threads, fold_bn
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "cifar10" / "train"
+CASES = [("resnet50", 224, 1, 20), ("resnet50", 224, 32, 5), ("resnet20", 32, 256, 9)]
+MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+
+
+def clock_ghz() -> float:
+    """Current core clock from /proc/cpuinfo (the highest reported), else lscpu's max, else 0."""
+    try:
+        mhz = [float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.lower().startswith("cpu mhz")]
+        if mhz:
+            return max(mhz) / 1000
+    except OSError:
+        pass
+    return 0.0
+
+
+def real_images(n: int, size: int) -> torch.Tensor:
+    """n real CIFAR-10 JPEGs (read in place, one class after another), normalised, at size x size."""
+    if not DATA.is_dir():
+        return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+    classes = sorted(p.name for p in DATA.iterdir() if p.is_dir())
+    paths = [DATA / classes[i % len(classes)] / f"{i // len(classes):04d}.jpg" for i in range(n)]
+    x = torch.stack([torch.from_numpy(decode_image(p)) for p in paths]).float()
+    if size != x.shape[-1]:
+        x = center_view(x, resize=round(size * 256 / 224), crop=size)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+    return ((x - mean) / std).contiguous()
+
+
+def randomised(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model(name, **({"variant": "v1.5"} if name == "resnet50" else {})).eval()
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
+
+
+def run_case(name: str, size: int, batch: int, rounds: int, peak: float, env: dict) -> list[dict]:
+    import onnxruntime as ort
+
+    model = randomised(name)
+    meta = {"arch": name, "classes": [str(i) for i in range(model.num_classes)], "mean": MEAN, "std": STD,
+            "input_size": [3, size, size], "eval_view": "full"}
+    flops = 2 * sum(c.macs for c in layer_costs(model, (3, size, size)))
+    ours = InferenceModel(model, meta)
+    ref_sess = ort.InferenceSession(onnx_bytes(fold_bn(model), export_meta(meta, bn_folded=True, fmt="onnx")),
+                                    providers=["CPUExecutionProvider"])
+
+    def eager(x):
+        with torch.no_grad():
+            return model(x)
+
+    def onnxruntime(x):
+        return torch.from_numpy(ref_sess.run(None, {"input": x.numpy()})[0])
+
+    methods = {"eager": eager, "ours": ours, "onnxruntime": onnxruntime}
+    # Equal accuracy on real images (8 at batch 1, else one batch), fed in batches of the case's size.
+    check = real_images(max(batch, 8), size)
+    ref = torch.cat([eager(c) for c in check.split(batch)])
+    agree = {}
+    for key, fn in methods.items():
+        out = torch.cat([fn(c) for c in check.split(batch)])
+        agree[key] = {"max_abs_logit_diff": float((out - ref).abs().max()),
+                      "max_abs_logit": float(ref.abs().max()),
+                      "top1_agree": float((out.argmax(1) == ref.argmax(1)).float().mean()), "n": len(ref)}
+    x = check[:batch].contiguous()
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    for fn in methods.values():  # warm-up
+        fn(x)
+    for _ in range(rounds):
+        for key, fn in methods.items():
+            t = time.perf_counter()
+            fn(x)
+            times[key].append(time.perf_counter() - t)
+    ips = {k: batch / statistics.median(v) for k, v in times.items()}
+    lines = []
+    for key in methods:
+        lines.append({
+            "bench": "infer", "model": name, "input": size, "batch": batch, "method": key,
+            "backend": ours.backend if key == "ours" else key,
+            "images_per_s": round(ips[key], 2),
+            "vs_eager": round(ips[key] / ips["eager"], 3), "vs_onnxruntime": round(ips[key] / ips["onnxruntime"], 3),
+            "gflop_per_image": round(flops / 1e9, 3),
+            "frac_fp32_peak": round(ips[key] * flops / peak, 3) if peak else None,
+            "accuracy_check": agree[key], "rounds": rounds, **env,
+        })
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    args = parser.parse_args()
+    cores, ghz = default_threads(), clock_ghz()
+    torch.set_num_threads(cores)
+    peak = cores * 32 * ghz * 1e9
+    import onnxruntime
+
+    env = {"cores": cores, "clock_ghz": round(ghz, 3), "fp32_peak_gflops": round(peak / 1e9, 1),
+           "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+           "onnxruntime": onnxruntime.__version__, "load_avg_1m": round(os.getloadavg()[0], 2)}
+    np.random.seed(0)
+    for name, size, batch, rounds in CASES:
+        for line in run_case(name, size, batch, max(2, rounds // 3) if args.quick else rounds, peak, env):
+            print(json.dumps(line), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""`resnet eval`: errors counted once per image, classes matched by name, views, per-class output, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resnet import UserError, create_model
+from resnet.artifacts import save_model_artifacts
+from resnet.cli import main
+from resnet.evaluate import Scorer, class_mapping, evaluate
+from resnet.loading import load_model
+
+# Data classes (sorted folder names) and how many test images each has.
+COUNTS = {"apple": 2, "banana": 3, "cherry": 5}
+
+
+def image_folder(root: Path, counts: dict[str, int] = COUNTS, size: int = 8) -> Path:
+    rng = np.random.default_rng(0)
+    for cls, n in counts.items():
+        (root / "test" / cls).mkdir(parents=True)
+        for i in range(n):
+            pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "test" / cls / f"{i}.png")
+    return root
+
+
+def constant_model(out: Path, classes: list[str], favourite: str) -> Path:
+    """A run dir whose model always predicts `favourite` (fc bias), then the next classes in order."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=len(classes)).eval()
+    model.fc.weight.data.zero_()
+    order = [favourite] + [c for c in classes if c != favourite]
+    model.fc.bias.data = torch.tensor([10.0 - order.index(c) for c in classes])
+    out.mkdir(parents=True, exist_ok=True)
+    save_model_artifacts(out, model, {"arch": "resnet20", "options": {"num_classes": len(classes)},
+                                      "classes": classes, "mean": [0.5] * 3, "std": [0.25] * 3,
+                                      "input_size": [3, 8, 8], "eval_view": "full"})
+    return out
+
+
+def test_classes_in_another_order_still_score_right(tmp_path):
+    data = image_folder(tmp_path / "data")
+    # The model's class order differs from the data's sorted order, and it has an extra class.
+    run = constant_model(tmp_path / "run", ["cherry", "durian", "apple", "banana"], favourite="cherry")
+    model, meta = load_model(run)
+    res = evaluate(model, meta, str(data), cache_dir=str(tmp_path / "cache"), per_class=True, backend="torch")
+    assert res["n"] == 10 and res["split"] == "test"
+    assert res["top1_err"] == pytest.approx(0.5)  # every image called cherry: the 5 cherries are right
+    # top-4 of 4 classes is always right; by position (cherry = data index 2 = model "apple") it would not be.
+    assert res["top5_err"] == 0.0 and res["top5_k"] == 4
+    per = {r["class"]: r for r in res["per_class"]}
+    assert per["cherry"]["top1_err"] == 0 and per["apple"]["top1_err"] == 1 and per["apple"]["n"] == 2
+    assert "durian" not in per
+
+
+def test_top5_counts_the_second_choice(tmp_path):
+    data = image_folder(tmp_path / "data")
+    classes = ["apple", "banana", "cherry", "d", "e", "f", "g"]
+    run = constant_model(tmp_path / "run", classes, favourite="d")  # order: d, apple, banana, cherry, e...
+    model, meta = load_model(run)
+    res = evaluate(model, meta, str(data), cache_dir=str(tmp_path / "cache"), backend="torch")
+    assert res["top1_err"] == 1.0 and res["top5_err"] == 0.0
+
+
+def test_a_class_missing_from_the_model_is_a_clear_error(tmp_path):
+    data = image_folder(tmp_path / "data")
+    run = constant_model(tmp_path / "run", ["apple", "banana"], favourite="apple")
+    with pytest.raises(UserError, match="classes the model was not trained on \\('cherry'\\)"):
+        evaluate(*load_model(run), str(data), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(UserError, match="not trained on"):
+        class_mapping(["a"], ["a", "b"])
+
+
+def test_missing_split_names_the_choices(tmp_path):
+    data = image_folder(tmp_path / "data")
+    run = constant_model(tmp_path / "run", list(COUNTS), favourite="apple")
+    with pytest.raises(UserError, match="no 'val' split; choose one of test"):
+        evaluate(*load_model(run), str(data), split="val", cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("view", ["center", "10crop"])
+def test_multi_view_evaluation_counts_each_image_once(tmp_path, view):
+    data = image_folder(tmp_path / "data", {"apple": 1, "banana": 2})
+    run = constant_model(tmp_path / "run", ["apple", "banana"], favourite="banana")
+    model, meta = load_model(run)
+    res = evaluate(model, meta, str(data), view=view, cache_dir=str(tmp_path / "cache"), backend="torch",
+                   batch_size=2)
+    assert res["n"] == 3 and res["view"] == view and res["top1_err"] == pytest.approx(1 / 3)
+
+
+def test_scorer_sums_are_per_sample():
+    s = Scorer(3, topk=2)
+    s.update(torch.tensor([[3.0, 2, 1], [1, 3, 2], [1, 2, 3]]), torch.tensor([0, 0, 0]))
+    r = s.result(["a", "b", "c"], per_class=True)
+    assert r["n"] == 3 and r["top1_err"] == pytest.approx(2 / 3) and r["top5_err"] == pytest.approx(2 / 3)
+
+
+def test_eval_cli_json_per_class_and_confusion_png(tmp_path, capsys):
+    data = image_folder(tmp_path / "data")
+    run = constant_model(tmp_path / "run", ["banana", "cherry", "apple"], favourite="banana")
+    png = tmp_path / "cm.png"
+    rc = main(["eval", str(run), "--data", str(data), "--format", "json", "--per-class", "--confusion", str(png),
+               "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 10 and res["top1_err"] == pytest.approx(0.7) and {"top1_err", "top5_err", "n"} <= set(res)
+    assert [r["class"] for r in res["per_class"]] == ["banana", "cherry", "apple"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_under_torchrun_counts_every_sample_once(tmp_path):
+    data = image_folder(tmp_path / "data")
+    run = constant_model(tmp_path / "run", list(COUNTS), favourite="cherry")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "resnet", "eval", str(run), "--data", str(data), "--format", "json", "--backend", "torch",
+           "--batch-size", "2", "--cache-dir", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert res["world_size"] == 2 and res["n"] == 10 and res["top1_err"] == pytest.approx(0.5)

@@ -1,0 +1,104 @@
+"""ONNX and TorchScript exports reproduce PyTorch's outputs on real images, with a dynamic batch, and carry
+their metadata; safetensors exports load back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnet import create_model
+from resnet.artifacts import save_model_artifacts
+from resnet.cli import main
+from resnet.data.decode import decode_image
+from resnet.export import export_model, read_onnx_meta, read_torchscript
+from resnet.loading import load_model
+
+CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "train"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+
+
+def randomise_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return model.eval()
+
+
+def real_images(n: int) -> torch.Tensor:
+    """n real CIFAR-10 JPEGs (read in place, never copied), normalised with CIFAR-10's statistics."""
+    if not CIFAR.is_dir():
+        pytest.skip("the shared CIFAR-10 JPEGs are not on this machine")
+    paths = [CIFAR / CLASSES[i % 10] / f"{i // 10:04d}.jpg" for i in range(n)]
+    x = torch.stack([torch.from_numpy(decode_image(p)) for p in paths]).float() / 255
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = randomise_bn(create_model("resnet20", num_classes=10))
+    out = tmp_path_factory.mktemp("run")
+    save_model_artifacts(out, model, {"arch": "resnet20", "options": {"num_classes": 10}, "classes": CLASSES,
+                                      "mean": MEAN, "std": STD, "input_size": [3, 32, 32], "eval_view": "full"})
+    return out
+
+
+def test_onnx_matches_pytorch_on_real_images_with_dynamic_batch(run_dir, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model, meta = load_model(run_dir)
+    path = export_model(model, meta, "onnx", tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = real_images(12)
+    with torch.no_grad():
+        ref = model(x)
+    for batch in (x[:1], x[:5], x):  # the export was traced with batch 1
+        out = torch.from_numpy(sess.run(None, {"input": batch.numpy()})[0])
+        assert (out - ref[: len(batch)]).abs().max() <= 1e-4
+    assert sess.get_inputs()[0].shape[0] == "batch"
+    doc = read_onnx_meta(path)
+    assert doc["classes"] == CLASSES and doc["mean"] == MEAN and doc["std"] == STD and doc["bn_folded"]
+    props = sess.get_modelmeta().custom_metadata_map
+    assert json.loads(props["classes"]) == CLASSES
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "BatchNormalization" not in ops  # folded into the convolutions
+
+
+def test_torchscript_matches_pytorch_on_real_images_and_carries_metadata(run_dir, tmp_path):
+    model, meta = load_model(run_dir)
+    path = export_model(model, meta, "torchscript", tmp_path / "m.pt")
+    module, doc = read_torchscript(path)
+    x = real_images(7)  # traced with batch 2
+    with torch.no_grad():
+        assert (module(x) - model(x)).abs().max() <= 1e-4
+    assert doc["classes"] == CLASSES and doc["std"] == STD and doc["input_size"] == [3, 32, 32]
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_safetensors_export_is_self_describing_and_reloads(run_dir, tmp_path, fold):
+    model, meta = load_model(run_dir)
+    path = export_model(model, meta, "safetensors", tmp_path / "m.safetensors", fold=fold)
+    loaded, doc = load_model(path)  # no model.json beside it: the metadata is in the header
+    x = real_images(4)
+    with torch.no_grad():
+        assert (loaded(x) - model(x)).abs().max() <= 1e-4
+    assert doc["classes"] == CLASSES and doc["bn_folded"] is fold
+
+
+def test_export_cli_writes_and_checks_each_format(run_dir, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    for fmt in ("onnx", "torchscript", "safetensors"):
+        out = tmp_path / f"m.{fmt}"
+        assert main(["export", str(run_dir), "--format", fmt, "--out", str(out)]) == 0
+        assert out.is_file() and "max |logit difference|" in capsys.readouterr().out
+    assert main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err

@@ -1,0 +1,72 @@
+"""BatchNorm folding and the InferenceModel predictor give the eager model's outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from resnet import UserError, create_model
+from resnet.inference import InferenceModel, count_batchnorms, fold_bn
+from resnet.models import Bottleneck
+
+
+def randomise_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return model.eval()
+
+
+def inputs(shape=(3, 3, 32, 32)) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name,opts", [("resnet20", {}), ("resnet20", {"shortcut": "B"}),
+                                       ("resnet20", {"shortcut": "C"}), ("plain20", {})])
+def test_fold_bn_removes_every_batchnorm_and_keeps_outputs(name, opts):
+    torch.manual_seed(0)
+    model = randomise_bn(create_model(name, num_classes=7, **opts))
+    folded = fold_bn(model)
+    assert count_batchnorms(folded) == 0 and count_batchnorms(model) > 0  # the original is untouched
+    x = inputs()
+    with torch.no_grad():
+        assert (folded(x) - model(x)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("variant", ["v1", "v1.5"])
+def test_fold_bn_in_a_downsampling_bottleneck(variant):
+    torch.manual_seed(0)
+    block = randomise_bn(Bottleneck(32, 16, stride=2, shortcut="B", variant=variant))
+    folded = fold_bn(block)
+    x = inputs((2, 32, 12, 12))
+    with torch.no_grad():
+        assert count_batchnorms(folded) == 0 and (folded(x) - block(x)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "auto"])
+def test_inference_model_backends_match_eager(backend):
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = randomise_bn(create_model("resnet20", num_classes=5))
+    meta = {"arch": "resnet20", "classes": list("abcde"), "mean": [0.5] * 3, "std": [0.2] * 3,
+            "input_size": [3, 32, 32]}
+    predictor = InferenceModel(model, meta, backend=backend)
+    for batch in (1, 6):  # also a batch size other than the export's
+        x = inputs((batch, 3, 32, 32))
+        with torch.no_grad():
+            assert (predictor(x) - model(x)).abs().max() < 1e-4
+    # Fully convolutional: another image size works on every backend (multi-scale evaluation).
+    x = inputs((2, 3, 40, 48))
+    with torch.no_grad():
+        assert (predictor(x) - model(x)).abs().max() < 1e-4
+    if backend == "auto":
+        assert predictor.backend == "onnxruntime"
+
+
+def test_unknown_backend_is_a_user_error():
+    with pytest.raises(UserError, match="backend must be one of"):
+        InferenceModel(create_model("resnet20"), backend="tensorrt")

@@ -1,0 +1,219 @@
+"""Loading models from every kind of file, and refusing the ones that are unsafe, damaged or mismatched."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnet import UserError, create_model
+from resnet.artifacts import save_model_artifacts
+from resnet.cli import main
+from resnet.export import export_model
+from resnet.loading import load_model, state_digest
+
+CLASSES = ["cat", "dog", "owl", "yak"]
+
+
+def randomise_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return model.eval()
+
+
+def meta_for(arch: str = "resnet20", classes=CLASSES) -> dict:
+    return {"arch": arch, "options": {"num_classes": len(classes)}, "classes": list(classes),
+            "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "input_size": [3, 32, 32], "eval_view": "full"}
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = randomise_bn(create_model("resnet20", num_classes=len(CLASSES)))
+    out = tmp_path / "run"
+    out.mkdir()
+    save_model_artifacts(out, model, meta_for())
+    return out, model
+
+
+def same_outputs(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return torch.allclose(a.eval()(x), b.eval()(x), atol=1e-5)
+
+
+def one_sentence(err: pytest.ExceptionInfo, path: Path) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg, msg
+    return msg
+
+
+def test_run_dir_safetensors_and_json_load_the_same_model(run_dir):
+    out, model = run_dir
+    for path in (out, out / "model.safetensors", out / "model.json"):
+        loaded, meta = load_model(path)
+        assert same_outputs(loaded, model)
+        assert meta["classes"] == CLASSES and meta["arch"] == "resnet20"
+        assert meta["options"]["shortcut"] == "A" and meta["source"].endswith("model.safetensors")
+
+
+def test_training_checkpoint_loads_with_and_without_model_json(run_dir, tmp_path):
+    out, model = run_dir
+    state = {"format": "resnet-checkpoint/1", "iteration": 5, "ema": None,
+             "config": {"arch": "resnet20", "in_chans": 3, "shortcut": None, "variant": "v1"},
+             "model": {f"module.{k}": v for k, v in model.state_dict().items()}, "optimizer": {"state": {}}}
+    torch.save(state, out / "checkpoint.pt")
+    loaded, meta = load_model(out / "checkpoint.pt")
+    assert same_outputs(loaded, model) and meta["classes"] == CLASSES  # classes from model.json beside it
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    torch.save(state, alone / "checkpoint.pt")
+    loaded, meta = load_model(alone)  # a run dir with only the checkpoint: arch from its config
+    assert same_outputs(loaded, model) and meta["classes"] == ["0", "1", "2", "3"]
+
+
+def test_torchvision_layout_state_dict_needs_and_uses_arch(run_dir, tmp_path):
+    _, model = run_dir
+    path = tmp_path / "weights.pth"
+    torch.save({f"_orig_mod.{k}": v for k, v in model.state_dict().items()}, path)
+    with pytest.raises(UserError, match="--arch") as err:
+        load_model(path)
+    one_sentence(err, path)
+    loaded, meta = load_model(path, arch="resnet20")
+    assert same_outputs(loaded, model)
+    assert meta["options"]["num_classes"] == 4 and "classes" in meta["assumed"]
+
+
+def test_bottleneck_state_dict_without_variant_says_v15_for_torchvision(tmp_path):
+    path = tmp_path / "resnet50.pth"
+    torch.save({"fc.weight": torch.zeros(1000, 2048), "conv1.weight": torch.zeros(64, 3, 7, 7)}, path)
+    with pytest.raises(UserError, match=r"variant=v1\.5 for torchvision"):
+        load_model(path, arch="resnet50")
+
+
+def test_malicious_pickle_is_refused_and_its_payload_never_runs(tmp_path):
+    marker = tmp_path / "pwned.txt"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "owned"))
+
+    blob = pickle.dumps({"conv1.weight": torch.zeros(1), "x": Payload()})
+    # The payload is real: unpickling it unsafely does write the file.
+    pickle.loads(blob)
+    assert marker.exists()
+    marker.unlink()
+    for path in (tmp_path / "evil_raw.pt", tmp_path / "evil_zip.pth"):
+        if path.name.startswith("evil_raw"):
+            path.write_bytes(blob)
+        else:
+            torch.save({"conv1.weight": torch.zeros(1), "x": Payload()}, path)
+        with pytest.raises(UserError, match="refusing to load") as err:
+            load_model(path, arch="resnet20")
+        one_sentence(err, path)
+        assert not marker.exists()
+
+
+def test_truncated_files_give_one_sentence_naming_the_path(run_dir, tmp_path):
+    out, model = run_dir
+    weights = out / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated or corrupt") as err:
+        load_model(out)
+    one_sentence(err, weights)
+    pt = tmp_path / "ckpt.pt"
+    torch.save(model.state_dict(), pt)
+    pt.write_bytes(pt.read_bytes()[:-100])
+    with pytest.raises(UserError, match="truncated or corrupt") as err:
+        load_model(pt, arch="resnet20")
+    one_sentence(err, pt)
+
+
+def test_bit_flips_are_caught(run_dir, tmp_path):
+    out, model = run_dir
+    # A zip checkpoint: the CRC of the flipped record no longer matches.
+    pt = tmp_path / "ckpt.pt"
+    torch.save(model.state_dict(), pt)
+    raw = bytearray(pt.read_bytes())
+    raw[len(raw) // 2] ^= 0x04
+    pt.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="checksum") as err:
+        load_model(pt, arch="resnet20")
+    one_sentence(err, pt)
+    # An exported safetensors file: its embedded sha256 of the weights no longer matches.
+    st = tmp_path / "export.safetensors"
+    export_model(model, load_model(out)[1], "safetensors", st)
+    raw = bytearray(st.read_bytes())
+    raw[-5] ^= 0x01
+    st.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="checksum") as err:
+        load_model(st)
+    one_sentence(err, st)
+    # model.json carrying weights_sha256 (see docs/contracts.md, Loading) protects model.safetensors too.
+    doc = json.loads((out / "model.json").read_text())
+    state = load_model(out)[0].state_dict()
+    doc["weights_sha256"] = state_digest(state)
+    (out / "model.json").write_text(json.dumps(doc))
+    weights = out / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-7] ^= 0x02
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="checksum") as err:
+        load_model(out)
+    one_sentence(err, weights)
+    # A flipped bit in the safetensors header breaks its JSON.
+    raw = bytearray(weights.read_bytes())
+    raw[10] ^= 0x80
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        load_model(out)
+
+
+def test_architecture_mismatch_names_the_keys(run_dir, tmp_path):
+    _, model = run_dir
+    path = tmp_path / "w.pth"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(UserError) as err:
+        load_model(path, arch="resnet32")  # 5 blocks per stage instead of 3
+    msg = one_sentence(err, path)
+    assert "do not fit resnet32" in msg and "missing layer1.3." in msg
+    with pytest.raises(UserError, match=r"unexpected layer1\.0\.downsample"):
+        torch.save({**model.state_dict(), "layer1.0.downsample.0.weight": torch.zeros(16, 16, 1, 1)}, path)
+        load_model(path, arch="resnet20", options={"shortcut": "A"})
+    torch.save({**model.state_dict(), "conv1.weight": torch.zeros(16, 1, 3, 3)}, path)
+    with pytest.raises(UserError, match=r"wrong shape conv1\.weight \(16x1x3x3 in the file, 16x3x3x3"):
+        load_model(path, arch="resnet20", options={"in_chans": 3})
+
+
+def test_class_count_mismatch_names_the_counts(run_dir):
+    out, _ = run_dir
+    doc = json.loads((out / "model.json").read_text())
+    doc["options"]["num_classes"] = 7
+    doc["classes"] = [f"c{i}" for i in range(7)]
+    (out / "model.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="has 4 output classes .* but the model expects 7"):
+        load_model(out)
+    doc["options"]["num_classes"] = 4
+    doc["classes"] = ["a", "b", "c"]
+    (out / "model.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="lists 3 class names but the model has 4 outputs"):
+        load_model(out)
+
+
+def test_cli_reports_a_bad_model_in_one_line_and_exit_2(tmp_path, capsys):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x00" * 20)
+    assert main(["predict", str(bad), str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(bad) in err
+    assert main(["eval", str(tmp_path / "missing"), "--data", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,109 @@
+"""`resnet predict`: saved class names and view, batching, per-file failures that do not stop the rest."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resnet import UserError, create_model
+from resnet.artifacts import save_model_artifacts
+from resnet.cli import main
+from resnet.inference import InferenceModel
+from resnet.loading import load_model
+from resnet.predict import find_images, predict_files, prepare
+
+CLASSES = ["zebra", "ant", "moth"]
+
+
+def colour_model(out: Path) -> Path:
+    """A model that ranks the classes by the mean of one colour channel each: zebra = red, ant = green,
+    moth = blue (a rigged fc over pooled features would need training; this is exact)."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=3).eval()
+    model.fc.weight.data.zero_()
+    model.fc.bias.data = torch.tensor([3.0, 2.0, 1.0])  # zebra > ant > moth on every image
+    out.mkdir(parents=True, exist_ok=True)
+    save_model_artifacts(out, model, {"arch": "resnet20", "options": {"num_classes": 3}, "classes": CLASSES,
+                                      "mean": [0.5] * 3, "std": [0.25] * 3, "input_size": [3, 16, 16],
+                                      "eval_view": "full"})
+    return out
+
+
+def images(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    (root / "sub").mkdir(parents=True)
+    for name, size in (("a.png", (16, 16)), ("b.jpg", (40, 24)), ("sub/c.png", (16, 16))):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / name)
+    Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(root / "gray.png")  # 1 channel
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    (root / "notes.txt").write_text("not an image name, not picked up from a folder")
+    return root
+
+
+def test_predict_json_reports_bad_files_and_continues(tmp_path, capsys):
+    run = colour_model(tmp_path / "run")
+    folder = images(tmp_path / "imgs")
+    rc = main(["predict", str(run), str(folder), str(tmp_path / "missing.png"), "--topk", "2", "--format", "json",
+               "--batch-size", "2"])
+    assert rc == 1  # some files failed
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)
+    by_name = {Path(r["path"]).name: r for r in results}
+    assert set(by_name) == {"a.png", "b.jpg", "c.png", "gray.png", "broken.jpg", "missing.png"}
+    for name in ("a.png", "b.jpg", "c.png", "gray.png"):
+        preds = by_name[name]["predictions"]
+        assert [p["label"] for p in preds] == ["zebra", "ant"]
+        assert preds[0]["prob"] == pytest.approx(float(torch.softmax(torch.tensor([3.0, 2, 1]), 0)[0]), abs=1e-5)
+    assert "error" in by_name["broken.jpg"] and "predictions" not in by_name["broken.jpg"]
+    assert "broken.jpg" in captured.err and "2 of 6 images failed" in captured.err
+
+
+def test_predict_csv_and_table(tmp_path, capsys):
+    run = colour_model(tmp_path / "run")
+    folder = images(tmp_path / "imgs")
+    assert main(["predict", str(run), str(folder / "a.png"), "--format", "csv", "--topk", "3"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["label"] for r in rows] == ["zebra", "ant", "moth"] and rows[0]["rank"] == "1"
+    assert main(["predict", str(run), str(folder / "a.png")]) == 0
+    assert "zebra" in capsys.readouterr().out
+
+
+def test_batched_predictions_equal_one_by_one(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=3).eval()
+    run = tmp_path / "run"
+    run.mkdir()
+    save_model_artifacts(run, model, {"arch": "resnet20", "options": {"num_classes": 3}, "classes": CLASSES,
+                                      "mean": [0.5] * 3, "std": [0.25] * 3, "input_size": [3, 16, 16],
+                                      "eval_view": "full"})
+    model, meta = load_model(run)
+    paths = find_images([str(images(tmp_path / "imgs"))])
+    predictor = InferenceModel(model, meta, backend="torch")
+    batched = predict_files(predictor, meta, paths, topk=3, batch_size=3)
+    single = predict_files(predictor, meta, paths, topk=3, batch_size=1)
+    for a, b in zip(batched, single, strict=True):
+        assert a.get("error") == b.get("error")
+        for p, q in zip(a.get("predictions", []), b.get("predictions", []), strict=True):
+            assert p["label"] == q["label"] and p["prob"] == pytest.approx(q["prob"], abs=1e-5)
+
+
+def test_prepare_uses_the_models_view_and_normalisation():
+    meta = {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.25] * 3, "eval_view": "full"}
+    img = torch.full((3, 16, 16), 255, dtype=torch.uint8)
+    assert torch.allclose(prepare(img, meta), torch.full((3, 16, 16), 2.0))  # (1 - 0.5) / 0.25
+    big = torch.zeros((3, 50, 30), dtype=torch.uint8)
+    assert prepare(big, meta).shape == (3, 16, 16)
+    assert prepare(big, {**meta, "eval_view": "center"}).shape == (3, 16, 16)
+    assert prepare(big, {**meta, "eval_view": "10crop"}).shape == (10, 3, 16, 16)
+
+
+def test_no_images_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no image files found"):
+        find_images([str(tmp_path)])
