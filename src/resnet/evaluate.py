@@ -142,7 +142,7 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
     mapping = class_mapping(classes, list(ds.classes))
     rank, world = _dist_info()
     loader = make_loader(ds.splits[split], batch_size, train=False, augment="none", mean=meta["mean"],
-                         std=meta["std"], rank=rank, world_size=world, device=device,
+                         std=meta["std"], rank=rank, world_size=world, device=str(device),
                          channels_last=True, eval_view=view, cfg=view_config(meta))
     predictor = predictor or InferenceModel(model, meta, backend=backend, device=device)
     start = time.perf_counter()

@@ -67,6 +67,19 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" -> cuda when available, else cpu; a CUDA device that is not there is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' was asked for but this PyTorch sees no CUDA GPU; use --device cpu.")
+    return device
+
+
 def _has_onnxruntime() -> bool:
     try:
         import onnx  # noqa: F401

@@ -24,18 +24,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--confusion", metavar="PNG", help="write the confusion matrix as a PNG")
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "compile", "onnxruntime"),
                         help="inference backend (see docs/inference.md)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     parser.add_argument("--format", choices=("table", "json"), default="table", help="output format")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate, save_confusion_png
+    from ..inference import resolve_device
     from ..loading import load_from_args
     from ._common import print_json, print_table
 
     model, meta = load_from_args(args)
     res = evaluate(model, meta, args.data, split=args.split, view=args.views, batch_size=args.batch_size,
                    data_dir=args.data_dir, cache_dir=args.cache_dir,
-                   per_class=args.per_class or bool(args.confusion), backend=args.backend)
+                   per_class=args.per_class or bool(args.confusion), backend=args.backend,
+                   device=resolve_device(args.device))
     confusion = res.pop("_confusion")
     if not args.per_class:
         res.pop("per_class", None)

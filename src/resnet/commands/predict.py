@@ -18,12 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, dest="batch_size", help="images per batch")
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "compile", "onnxruntime"),
                         help="inference backend (see docs/inference.md)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
-    from ..inference import InferenceModel
+    from ..inference import InferenceModel, resolve_device
     from ..loading import load_from_args
     from ..predict import find_images, predict_files
     from ._common import print_json
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--topk must be at least 1, not {args.topk}.")
     model, meta = load_from_args(args)
     paths = find_images(args.inputs)
-    predictor = InferenceModel(model, meta, backend=args.backend)
+    predictor = InferenceModel(model, meta, backend=args.backend, device=resolve_device(args.device))
     results = predict_files(predictor, meta, paths, topk=args.topk, batch_size=args.batch_size)
     failed = [r for r in results if "error" in r]
     if args.format == "json":
