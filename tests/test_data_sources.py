@@ -85,7 +85,7 @@ def test_download_verifies_and_renames(tmp_path):
     with serve(body) as (url, _):
         out = src.download(url, tmp_path / "a.bin", hashlib.md5(body).hexdigest(), chunk=1024, timeout=5)
     assert out.read_bytes() == body
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "a.bin.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.bin.lock", "a.bin"]
 
 
 def test_download_wrong_checksum_leaves_nothing(tmp_path):

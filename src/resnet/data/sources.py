@@ -70,7 +70,7 @@ def download(
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(dest.with_name(dest.name + ".lock")):
+    with file_lock(dest.with_name(f".{dest.name}.lock")):  # hidden: an empty marker, safe to leave
         if not dest.exists():
             part = dest.with_name(dest.name + ".part")
             if not _fetch(url, part, timeout, chunk, resume=True):
