@@ -92,6 +92,10 @@ def test_safetensors_export_is_self_describing_and_reloads(run_dir, tmp_path, fo
     with torch.no_grad():
         assert (loaded(x) - model(x)).abs().max() <= 1e-4
     assert doc["classes"] == CLASSES and doc["bn_folded"] is fold
+    again, doc2 = load_model(export_model(loaded, doc, "safetensors", tmp_path / "again.safetensors"))
+    assert doc2["bn_folded"] is fold  # a folded model stays folded; it cannot be unfolded
+    with torch.no_grad():
+        assert (again(x) - model(x)).abs().max() <= 1e-4
 
 
 def test_export_cli_writes_and_checks_each_format(run_dir, tmp_path, capsys):

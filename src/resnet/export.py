@@ -121,9 +121,9 @@ def export_model(model: nn.Module, meta: dict, fmt: str, out: str | Path, *, fol
     if fmt not in FORMATS:
         raise UserError(f"export format must be one of {', '.join(FORMATS)}, not '{fmt}'.")
     already = bool(meta.get("bn_folded"))
-    fold = (fmt != "safetensors") if fold is None else fold
-    if already and not fold:
+    if already and fold is False:
         raise UserError("this model's BatchNorm is already folded and cannot be unfolded; export with --fold-bn.")
+    fold = (fmt != "safetensors" or already) if fold is None else fold
     net = fold_bn(model) if fold and not already else model
     doc = export_meta(meta, bn_folded=fold or already, fmt=fmt)
     if fmt == "onnx":
