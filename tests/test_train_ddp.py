@@ -17,9 +17,10 @@ from resnet.train import load_recipe, train
 from test_train_helpers import FakeData, tiny_overrides
 
 # 8 steps of global batch 16; synchronised BN, so batch statistics are over the global batch as in 1 process.
+# On FakeData (see test_train_helpers for why not the digits here); odd split sizes, so an evaluation that
+# padded or dropped samples would show in `n`.
 OVERRIDES = tiny_overrides(max_iters=8, milestones=[6], eval_every=4, checkpoint_every=4, sync_bn=True,
-                           threads=1)
-# Odd split sizes, so an evaluation that padded or dropped samples would show in `n`.
+                           threads=1, in_chans=3)
 DATA = dict(n_train=256, n_val=37, n_test=29)
 
 

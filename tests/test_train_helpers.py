@@ -1,9 +1,12 @@
-"""A tiny in-memory data source that meets the data contract (docs/contracts.md, "Data"), used by the
-training tests so they exercise the loop alone; plus unit tests of the schedule and the batch plan.
+"""Shared settings for the training tests (a few steps of ResNet-20 on the embedded 8x8 digits, the real
+data path of resnet.data), a tiny synthetic data source, and unit tests of the schedule and the batch plan.
 
-The loader shuffles with a generator seeded by (seed, epoch), gives rank r every world-th sample of that
-order (so the union of the ranks' batch i is the single-process batch i), and flips each sample by a
-coin drawn per (epoch, sample index) -- the same image whichever rank sees it.
+`FakeData` meets the data contract (docs/contracts.md, "Data") with 3x8x8 noisy class prototypes. The DDP
+test uses it because early training on the digits is ill-conditioned: a one-ulp difference (1 vs 2
+threads in a single process) grows about 40x per step, so no fp32 tolerance can compare two set-ups
+there after several steps. Its loader shuffles with a generator seeded by (seed, epoch), gives rank r
+every world-th sample of that order (so the union of the ranks' batch i is the single-process batch i),
+and flips each sample by a coin drawn per (epoch, sample) -- the same image whichever rank sees it.
 """
 
 from __future__ import annotations
@@ -88,10 +91,10 @@ class FakeData:
 
 
 def tiny_overrides(**extra) -> list[str]:
-    """Overrides for a few steps of the smallest registered net (resnet20) on the fake 8x8 images."""
-    base = {"data": "fake", "arch": "resnet20", "batch_size": 16, "ref_batch_size": 16, "lr": 0.05,
-            "max_iters": 12, "milestones": [8], "eval_every": 6, "log_every": 1, "checkpoint_every": 3,
-            "threads": 1, "val_size": None}
+    """Overrides for a few steps of the smallest registered net (resnet20) on the 8x8 digits."""
+    base = {"data": "digits", "in_chans": 1, "val_size": 96, "arch": "resnet20", "batch_size": 16,
+            "ref_batch_size": 16, "lr": 0.05, "max_iters": 12, "milestones": [8], "eval_every": 6, "log_every": 1,
+            "checkpoint_every": 3, "threads": 1, "eval_batch_size": 128}
     base.update(extra)
     return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in base.items()]
 

@@ -1,7 +1,8 @@
 """Exact resume: a run killed (SIGKILL, at random steps and during a checkpoint write) or stopped (SIGTERM)
 and run again ends with the same weights and the same per-step losses as an uninterrupted run, bit for bit.
 
-Each run is a real subprocess, so a kill is a real kill; the data is the in-test fake of the data contract.
+Each run is a real subprocess, so a kill is a real kill; the data is the embedded digits set through
+resnet.data, with the paper's pad-crop-flip augmentation (so the augmentation's random state is resumed too).
 """
 
 from __future__ import annotations
@@ -25,12 +26,10 @@ TESTS = Path(__file__).resolve().parent
 RUNNER = f"""
 import sys, json
 sys.path.insert(0, {str(TESTS)!r})
-from test_train_helpers import FakeData
 from resnet.errors import UserError
 from resnet.train import load_recipe, train
 try:
-    print(json.dumps(train(load_recipe("cifar10-resnet20", json.loads(sys.argv[2])), sys.argv[1],
-                           data_api=FakeData())))
+    print(json.dumps(train(load_recipe("cifar10-resnet20", json.loads(sys.argv[2])), sys.argv[1])))
 except UserError as err:
     print(err, file=sys.stderr)
     sys.exit(2)
@@ -131,7 +130,7 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_exits_zero(tmp_path, referen
     state = checkpoint.load(out / checkpoint.NAME)
     stopped_at = json.loads(stdout.strip().splitlines()[-1])["iterations"]
     assert state["iteration"] == stopped_at == _last_train_iter(out)  # log_every=1: the step's own line
-    assert (state["epoch"], state["batch"]) == divmod(stopped_at, 16)  # 256 images / 16 per step
+    assert (state["epoch"], state["batch"]) == divmod(stopped_at, (1437 - 96) // 16)
     assert not (out / "summary.json").exists()
     _finish(out)
     _assert_same(out, reference)

@@ -93,7 +93,7 @@ class GlooSyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm whose training statistics are over the global batch, for CPU processes (gloo).
 
     PyTorch's SyncBatchNorm runs only on GPUs; this computes the same statistics with one differentiable
-    all-reduce of (sum, sum of squares, count) per layer, on its own process group so that it never
+    all-reduces per layer (sum and count, then squared deviations), on its own process group so that it never
     interleaves with DDP's gradient all-reduces.
     """
 
@@ -103,18 +103,20 @@ class GlooSyncBatchNorm(nn.BatchNorm2d):
         if not (self.training and dist.is_initialized()):
             return super().forward(x)
         c = x.shape[1]
-        count = x.new_full((1,), x.numel() / c)
-        stats = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count])
-        stats = dist_nn.all_reduce(stats, group=GlooSyncBatchNorm.group)
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+        # Two passes, as BatchNorm itself: the global mean first, then the mean squared deviation from it
+        # (E[x^2] - mean^2 in one pass loses the variance of near-constant channels to cancellation).
+        first = torch.cat([x.sum((0, 2, 3)), x.new_full((1,), x.numel() / c)])
+        first = dist_nn.all_reduce(first, group=GlooSyncBatchNorm.group)
+        n = first[-1]
+        mean = first[:c] / n
+        centred = x - mean.view(1, c, 1, 1)
+        var = dist_nn.all_reduce(centred.square().sum((0, 2, 3)), group=GlooSyncBatchNorm.group) / n
         with torch.no_grad():
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean.detach(), self.momentum)
             self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
         scale = self.weight * torch.rsqrt(var + self.eps)
-        return x * scale.view(1, c, 1, 1) + (self.bias - mean * scale).view(1, c, 1, 1)
+        return centred * scale.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
 
 
 def convert_sync_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:

@@ -1,0 +1,122 @@
+"""Recipes and strict overrides; a non-finite loss stops cleanly; the run directory holds what it promises."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from resnet.cli import main
+from resnet.errors import UserError
+from resnet.train import checkpoint, list_recipes, load_recipe, train
+from test_train_helpers import tiny_overrides
+
+PAPER_CIFAR = [f"cifar10-resnet{n}" for n in (20, 32, 44, 56, 110, 1202)] + \
+              [f"cifar10-plain{n}" for n in (20, 32, 44, 56, 110)]
+PAPER_IMAGENET = [f"imagenet-{n}" for n in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+                                            "plain18", "plain34")]
+
+
+def test_every_promised_recipe_ships_and_loads():
+    assert set(PAPER_CIFAR + PAPER_IMAGENET + ["quickstart", "cifar10-fast"]) <= set(list_recipes())
+
+
+@pytest.mark.parametrize("name", PAPER_CIFAR)
+def test_cifar_recipes_are_section_4_2(name):
+    c = load_recipe(name)
+    assert c.paper and (c.batch_size, c.lr, c.momentum, c.weight_decay) == (128, 0.1, 0.9, 1e-4)
+    assert (c.schedule, c.milestones, c.lr_decay, c.max_iters) == ("multistep", [32000, 48000], 0.1, 64000)
+    assert (c.val_size, c.augment, c.label_smoothing, c.ema_decay, c.tta_flip) == (5000, "cifar", 0, 0, False)
+    assert c.arch == name.split("-")[1]
+    warm = name in ("cifar10-resnet110", "cifar10-resnet1202")
+    assert (c.warmup_lr, c.warmup_until_train_err) == ((0.01, 0.8) if warm else (0.0, 0.8))
+
+
+@pytest.mark.parametrize("name", PAPER_IMAGENET)
+def test_imagenet_recipes_are_section_3_4(name):
+    c = load_recipe(name)
+    assert (c.batch_size, c.lr, c.momentum, c.weight_decay, c.max_iters) == (256, 0.1, 0.9, 1e-4, 600000)
+    assert (c.schedule, c.augment, c.shortcut) == ("plateau", "imagenet", "B" if "resnet" in name else None)
+
+
+def test_fast_recipe_says_it_is_not_the_paper():
+    assert not load_recipe("cifar10-fast").paper and not load_recipe("quickstart").paper
+
+
+@pytest.mark.parametrize("override, words", [
+    ("lrr=0.1", ["unknown setting 'lrr'", "lr"]),
+    ("max_iter=5", ["unknown setting 'max_iter'", "max_iters"]),
+    ("batch_size=1.5", ["'batch_size' must be int", "1.5"]),
+    ("lr=fast", ["'lr' must be float", "fast"]),
+    ("channels_last=2", ["'channels_last' must be bool"]),
+    ("milestones=[1,a]", ["'milestones' must be list"]),
+    ("precision=fp8", ["'precision' must be one of fp32, bf16, fp16"]),
+    ("lr", ["not of the form key=value"]),
+])
+def test_bad_overrides_are_one_sentence_naming_the_key(override, words):
+    with pytest.raises(UserError) as err:
+        load_recipe("cifar10-resnet20", [override])
+    message = str(err.value)
+    assert all(w in message for w in words), message
+    assert "\n" not in message and message.endswith(".")
+
+
+def test_good_overrides_are_typed():
+    c = load_recipe("cifar10-resnet20", ["lr=1", "milestones=[10, 20]", "val_size=null", "data=123"])
+    assert c.lr == 1.0 and isinstance(c.lr, float) and c.milestones == [10, 20] and c.val_size is None
+    assert c.data == "123"
+
+
+def test_unknown_recipe_suggests_the_closest(capsys):
+    assert main(["train", "--recipe", "cifar10-resnet21"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown recipe 'cifar10-resnet21'" in err and "cifar10-resnet20" in err and "Traceback" not in err
+
+
+def test_recipe_file_with_unknown_key_fails(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("arch: resnet20\nweight_decai: 0.1\n")
+    with pytest.raises(UserError, match="unknown setting 'weight_decai'.*weight_decay"):
+        load_recipe(str(path))
+
+
+def test_nan_loss_stops_with_a_message_and_never_writes_bad_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESNET_TEST_NAN_AT", "7")
+    cfg = load_recipe("cifar10-resnet20", tiny_overrides(checkpoint_every=3))
+    with pytest.raises(UserError, match="non-finite at iteration 7.*last good checkpoint: iteration 6"):
+        train(cfg, tmp_path)
+    state = checkpoint.load(tmp_path / checkpoint.NAME)
+    assert state["iteration"] == 6 and checkpoint.all_finite(state["model"])
+    assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / "summary.json").exists()
+
+
+def test_checkpoint_refuses_non_finite_weights(tmp_path):
+    with pytest.raises(RuntimeError, match="non-finite"):
+        checkpoint.save(tmp_path / "c.pt", {"model": {"w": torch.tensor([1.0, float("inf")])}})
+    assert not list(tmp_path.iterdir())
+
+
+def test_run_directory_holds_every_output(tmp_path):
+    cfg = load_recipe("cifar10-resnet20", tiny_overrides(precision="bf16", channels_last=True, ema_decay=0.9,
+                                                         tta_flip=True, log_every=4))
+    summary = train(cfg, tmp_path)
+    for name in ("config.yaml", "metrics.jsonl", "curves.png", "checkpoint.pt", "model.safetensors",
+                 "model.json", "summary.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["precision"] == "bf16"
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iter"] for m in lines if m["split"] == "train"] == [4, 8, 12]
+    assert [m["iter"] for m in lines if m["split"] == "val"] == [6, 12]
+    assert all({"iter", "epoch", "split", "loss", "top1_err", "top5_err", "lr"} <= m.keys() for m in lines)
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["arch"] == "resnet20" and meta["classes"] == [str(i) for i in range(10)]
+    assert meta["input_size"] == [1, 8, 8] and meta["metrics"]["test_top1_err"] == summary["test_top1_err"]
+    weights = load_file(tmp_path / "model.safetensors")
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in weights)
+    for key in ("val_top1_err", "test_top1_err", "iterations", "wall_s", "images_per_s", "skipped"):
+        assert summary[key] is not None, key
+    assert summary["iterations"] == 12 and 0 <= summary["test_top1_err"] <= 1
