@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import pickletools
 import warnings
 import zipfile
 from pathlib import Path
@@ -81,17 +82,42 @@ def read_pickle(path: Path, map_location="cpu") -> object:
             warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        text = str(err)
-        if "GLOBAL" in text or "Unsupported" in text or "weights_only" in text.lower() or "Weights only" in text:
-            culprit = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "")
-            detail = f" ({culprit.rstrip('.')})" if culprit else ""
-            raise UserError(f"refusing to load '{path}': it holds pickled Python objects, not just tensors"
-                            f"{detail}, and unpickling them could run arbitrary code; save a state_dict or "
-                            f"use model.safetensors instead.") from None
-        raise _corrupt(path, text.splitlines()[0][:120] if text else "unpickling failed") from None
+        try:
+            names = pickle_globals(path)
+        except Exception:  # noqa: BLE001 - the opcode stream itself is broken: a damaged file
+            raise _corrupt(path, "its pickle data is malformed") from None
+        culprit = f" (such as {names[0]})" if names else ""
+        if not names:
+            text = str(err)
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            culprit = f" ({lines[-2][:80]})" if len(lines) >= 2 else ""
+        raise UserError(f"refusing to load '{path}': it holds pickled Python objects, not just tensors"
+                        f"{culprit}, and unpickling them could run arbitrary code; save a state_dict or "
+                        f"use model.safetensors instead.") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, AttributeError) as err:
         first = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
         raise _corrupt(path, first) from None
+
+
+def pickle_globals(path: Path) -> list[str]:
+    """Callables and classes a pickle file names, read off its opcodes without executing any of them
+    (for zip checkpoints, from the archive's data.pkl). Raises when the opcode stream is malformed."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            name = next(n for n in zf.namelist() if n.endswith("data.pkl"))
+            data = zf.read(name)
+    else:
+        data = path.read_bytes()
+    found, strings = [], []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ("GLOBAL", "INST"):
+            found.append(str(arg).replace(" ", "."))
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            found.append(f"{strings[-2]}.{strings[-1]}")
+        elif isinstance(arg, str):
+            strings.append(arg)
+    allowed = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set")
+    return [n for n in found if not n.startswith(allowed)]
 
 
 def _is_state_dict(obj: object) -> bool:
