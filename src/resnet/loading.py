@@ -86,7 +86,7 @@ def read_pickle(path: Path, map_location="cpu") -> object:
             names = pickle_globals(path)
         except Exception:  # noqa: BLE001 - the opcode stream itself is broken: a damaged file
             raise _corrupt(path, "its pickle data is malformed") from None
-        culprit = f" (such as {names[0]})" if names else ""
+        culprit = f" ({', '.join(dict.fromkeys(names[:3]))})" if names else ""
         if not names:
             text = str(err)
             lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
