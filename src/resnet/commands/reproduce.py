@@ -1,0 +1,60 @@
+"""`resnet reproduce EXPERIMENT`: re-run one of the paper's experiments and write its report."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import UserError
+from ..experiments import EXPERIMENTS, Settings, reproduce
+from ..models import list_models, model_spec
+from ._common import add_format, print_json
+
+HELP = "re-run one of the paper's experiments"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", choices=EXPERIMENTS, metavar="EXPERIMENT",
+                        help=f"one of {', '.join(EXPERIMENTS)}")
+    parser.add_argument("--data", help="data source (default: CIFAR-10; with --quick, the embedded digits set)")
+    parser.add_argument("--out", help="report directory, trainings under OUT/runs (default: "
+                        "runs/reproduce[-quick]/EXPERIMENT, trainings shared in runs/reproduce[-quick]/trainings)")
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced settings (stated in the report) that finish in minutes on a laptop CPU")
+    parser.add_argument("--seeds", type=int, default=1, help="trainings per network (mean and spread)")
+    parser.add_argument("--depths", help="comma-separated depths instead of the experiment's, e.g. 20,56")
+    parser.add_argument("--iters", type=int, dest="max_iters", help="with --quick: iterations per training")
+    add_format(parser, ("text", "json"))
+
+
+def _depths(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        depths = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise UserError(f"--depths must be comma-separated whole numbers such as 20,56, not '{text}'.") from None
+    known = {model_spec(n).depth for n in list_models("cifar")}
+    bad = [d for d in depths if d not in known]
+    if bad:
+        raise UserError(f"depth {bad[0]} has no CIFAR network; choose from {', '.join(map(str, sorted(known)))}.")
+    return depths
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be at least 1, not {args.seeds}.")
+    if args.max_iters is not None and not args.quick:
+        raise UserError("--iters shortens the --quick settings only; the full experiment uses the paper's recipes.")
+    settings = Settings(quick=args.quick, data=args.data, seeds=args.seeds, depths=_depths(args.depths),
+                        max_iters=args.max_iters)
+    if args.out:
+        out, runs_dir = args.out, None  # trainings under OUT/runs
+    else:  # experiments share their trainings (degradation and responses need the same networks)
+        base = f"runs/reproduce{'-quick' if args.quick else ''}"
+        out, runs_dir = f"{base}/{args.experiment}", f"{base}/trainings"
+    results = reproduce(args.experiment, out, settings, runs_dir=runs_dir)
+    if args.format == "json":
+        print_json(results)
+    else:
+        print(f"report: {results['report']}")
+    return 0

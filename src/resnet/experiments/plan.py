@@ -1,0 +1,129 @@
+"""Which trainings each experiment needs: a table of runs, each a normal, resumable run directory.
+
+Full mode uses the paper's CIFAR-10 recipes unchanged (on `--data` when given). `--quick` keeps the
+networks and shortens everything else, stated in `QUICK_NOTES`; without `--data` it trains on the embedded
+digits set (the quickstart recipe), so it runs offline anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+
+EXPERIMENTS = ("degradation", "shortcuts", "responses", "table6")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str  # run directory name under DIR/runs
+    arch: str
+    recipe: str
+    overrides: tuple[str, ...] = ()
+    seed: int = 0
+    shortcut: str | None = None
+    tags: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def all_overrides(self) -> list[str]:
+        extra = [f"seed={self.seed}"]
+        if self.shortcut:
+            extra.append(f"shortcut={self.shortcut}")
+        return [*self.overrides, *extra]
+
+
+@dataclass(frozen=True)
+class Settings:
+    quick: bool
+    data: str | None
+    seeds: int = 1
+    depths: tuple[int, ...] | None = None
+    max_iters: int | None = None  # quick mode's iteration count (None: the mode's default)
+
+
+# Reduced settings of --quick, per data source; stated in every quick report.
+QUICK_DIGITS = {"max_iters": 300, "eval_every": 100, "log_every": 10, "ramp_iters": 30,
+                "checkpoint_every": 100, "depths": (20, 32, 44, 56)}
+QUICK_DATA = {"max_iters": 200, "batch_size": 64, "ref_batch_size": 64, "eval_every": 100, "log_every": 10,
+              "checkpoint_every": 100, "val_size": 1000, "depths": (20, 56)}
+FULL_DEPTHS = {"degradation": (20, 32, 44, 56), "shortcuts": (32,), "responses": (20, 56, 110),
+               "table6": (20, 32, 44, 56, 110)}
+
+
+def quick_notes(s: Settings) -> list[str]:
+    if not s.quick:
+        return []
+    if s.data is None:
+        q = QUICK_DIGITS
+        return ["data: the embedded 8x8 digits set (1,293 train / 144 val / 360 test images), not CIFAR-10",
+                f"{_iters(s, q)} iterations of batch 64 per network (the paper: 64,000 of batch 128)",
+                f"learning rate 0.1 with a {q['ramp_iters']}-iteration ramp and cosine decay (the paper: "
+                f"0.1, divided by 10 at 32k and 48k)",
+                "no augmentation (flips and crops change what a digit is on an 8x8 grid)"]
+    q = QUICK_DATA
+    return [f"data: {s.data}, with {q['val_size']} images held out for validation",
+            f"{_iters(s, q)} iterations of batch {q['batch_size']} per network (the paper: 64,000 of 128); "
+            f"lr 0.1 throughout (too few iterations to reach the paper's first step at 32k)"]
+
+
+def _iters(s: Settings, q: dict) -> int:
+    return s.max_iters or q["max_iters"]
+
+
+def _depths(experiment: str, s: Settings) -> tuple[int, ...]:
+    if s.depths:
+        return s.depths
+    if not s.quick:
+        return FULL_DEPTHS[experiment]
+    if experiment == "shortcuts":
+        return (20,)
+    return (QUICK_DIGITS if s.data is None else QUICK_DATA)["depths"]
+
+
+def _base(arch: str, s: Settings) -> tuple[str, list[str]]:
+    """(recipe, overrides) that train `arch` in this mode."""
+    if s.quick and s.data is None:
+        q = QUICK_DIGITS
+        over = [f"arch={arch}", f"max_iters={_iters(s, q)}"] + [
+            f"{k}={q[k]}" for k in ("eval_every", "log_every", "ramp_iters", "checkpoint_every")]
+        recipe = "quickstart"
+    else:
+        recipe = f"cifar10-{arch}"
+        over = [f"data={s.data}"] if s.data else []
+        if s.quick:
+            q = QUICK_DATA
+            it = _iters(s, q)
+            over += [f"max_iters={it}", f"milestones=[{it * 10}]", "warmup_lr=0.0"] + [
+                f"{k}={q[k]}" for k in ("batch_size", "ref_batch_size", "eval_every", "log_every",
+                                        "checkpoint_every", "val_size")]
+    if arch.startswith("plain"):
+        over.append("shortcut=null")
+    return recipe, over
+
+
+def plan_runs(experiment: str, s: Settings) -> list[RunSpec]:
+    """The runs `experiment` needs in this mode, in the order they are trained."""
+    if experiment not in EXPERIMENTS:
+        from ..errors import did_you_mean
+
+        raise UserError(f"unknown experiment '{experiment}'{did_you_mean(experiment, EXPERIMENTS)}; "
+                        f"choose one of {', '.join(EXPERIMENTS)}.")
+    if experiment == "table6" and s.quick is False and s.data is None:
+        pass  # the official CIFAR-10 release (downloaded when online) is the recipes' default
+    runs = []
+    for seed in range(s.seeds):
+        for depth in _depths(experiment, s):
+            if experiment in ("degradation", "responses"):
+                kinds = [("plain", None), ("resnet", None)]
+            elif experiment == "shortcuts":
+                kinds = [("resnet", sc) for sc in "ABC"]
+            else:
+                kinds = [("resnet", None)]
+            for prefix, shortcut in kinds:
+                arch = f"{prefix}{depth}"
+                if prefix == "plain" and depth > 110:
+                    continue
+                recipe, over = _base(arch, s)
+                name = arch + (f"-{shortcut}" if shortcut else "") + f"-seed{seed}"
+                runs.append(RunSpec(name, arch, recipe, tuple(over), seed, shortcut,
+                                    {"depth": depth, "plain": prefix == "plain"}))
+    return runs

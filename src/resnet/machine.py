@@ -1,0 +1,73 @@
+"""What machine a figure was measured on, and its FP32 peak, read at run time.
+
+FP32 FMA peak (the design guide's definition) = cores x 32 FLOP/cycle (AVX2: two 8-wide FMA units,
+2 FLOP each) x clock. The clock is the highest "cpu MHz" /proc/cpuinfo reports, else lscpu's maximum.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+FLOP_PER_CYCLE_AVX2 = 32
+FLOP_PER_CYCLE_AVX512 = 64
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_model() -> str:
+    m = re.search(r"^model name\s*:\s*(.+)$", _cpuinfo(), re.M)
+    return m.group(1).strip() if m else (platform.processor() or platform.machine())
+
+
+def cpu_mhz() -> float:
+    """The core clock in MHz (0.0 when it cannot be read)."""
+    found = [float(x) for x in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", _cpuinfo(), re.M)]
+    if found:
+        return max(found)
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        m = re.search(r"CPU max MHz:\s*([\d.]+)", out) or re.search(r"CPU MHz:\s*([\d.]+)", out)
+        return float(m.group(1)) if m else 0.0
+    except (OSError, subprocess.SubprocessError):
+        return 0.0
+
+
+def cores() -> int:
+    """Cores this process may use (the affinity mask, as a container sees it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover (macOS)
+        return os.cpu_count() or 1
+
+
+def fp32_peak_flops() -> float:
+    flags = _cpuinfo()
+    per_cycle = FLOP_PER_CYCLE_AVX512 if " avx512f" in flags else FLOP_PER_CYCLE_AVX2
+    return cores() * per_cycle * cpu_mhz() * 1e6
+
+
+def machine_info() -> dict:
+    """Hardware and versions, for the head of every benchmark line and report."""
+    import torch
+
+    from . import __version__
+
+    info = {
+        "cpu": cpu_model(), "cores": cores(), "mhz": round(cpu_mhz()),
+        "fp32_peak_gflops": round(fp32_peak_flops() / 1e9, 1),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
+        "resnet": __version__, "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info

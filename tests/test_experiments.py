@@ -1,0 +1,115 @@
+"""`resnet reproduce`: the plans, the response measurement, and a tiny end-to-end run of the quick mode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import resnet
+from resnet.cli import main
+from resnet.experiments import Settings, plan_runs, reproduce, response_stds, three_by_three_bns
+from resnet.experiments.runner import _headline
+from resnet.train import load_recipe
+
+
+def test_full_degradation_uses_the_paper_recipes_unchanged():
+    runs = plan_runs("degradation", Settings(quick=False, data=None))
+    assert [r.arch for r in runs] == ["plain20", "resnet20", "plain32", "resnet32", "plain44", "resnet44",
+                                      "plain56", "resnet56"]
+    r56 = next(r for r in runs if r.arch == "resnet56")
+    cfg = load_recipe(r56.recipe, r56.all_overrides())
+    assert (cfg.max_iters, cfg.milestones, cfg.batch_size, cfg.lr, cfg.data) == (64000, [32000, 48000], 128, 0.1,
+                                                                                 "cifar10")
+    plain = next(r for r in runs if r.arch == "plain56")
+    assert load_recipe(plain.recipe, plain.all_overrides()).shortcut is None
+
+
+def test_shortcut_plan_and_seeds():
+    runs = plan_runs("shortcuts", Settings(quick=False, data=None, seeds=2))
+    assert [(r.arch, r.shortcut, r.seed) for r in runs] == [
+        ("resnet32", s, seed) for seed in (0, 1) for s in "ABC"]
+    assert len({r.name for r in runs}) == 6
+
+
+def test_quick_with_data_is_shortened_and_says_so():
+    s = Settings(quick=True, data="some/folder")
+    runs = plan_runs("degradation", s)
+    cfg = load_recipe(runs[0].recipe, runs[0].all_overrides())
+    assert cfg.data == "some/folder" and cfg.max_iters == 200 and cfg.warmup_lr == 0.0
+
+
+def test_unknown_experiment_names_the_closest():
+    with pytest.raises(resnet.UserError, match="did you mean degradation"):
+        plan_runs("degradaton", Settings(quick=True, data=None))
+
+
+def test_headline_reads_the_direction():
+    nets = {"plain20": {"arch": "plain20", "plain": True, "depth": 20, "train_err": 0.10},
+            "plain56": {"arch": "plain56", "plain": True, "depth": 56, "train_err": 0.15},
+            "resnet20": {"arch": "resnet20", "plain": False, "depth": 20, "train_err": 0.10},
+            "resnet56": {"arch": "resnet56", "plain": False, "depth": 56, "train_err": 0.12}}
+    assert _headline(nets, plain=True)["shown"] is True
+    assert _headline(nets, plain=False)["shown"] is False
+    nets["resnet56"]["train_err"] = 0.05
+    assert _headline(nets, plain=False) == {"shown": True, "shallow": "resnet20", "deep": "resnet56",
+                                            "shallow_err": 0.10, "deep_err": 0.05}
+
+
+def test_three_by_three_layers_are_found_in_forward_order():
+    names = [n for n, _ in three_by_three_bns(resnet.create_model("resnet20"))]
+    assert len(names) == 19  # the 3x3 stem and 18 3x3 layers
+    assert names[:3] == ["bn1", "layer1.0.bn1", "layer1.0.bn2"] and names[-1] == "layer3.2.bn2"
+    # In a bottleneck net only the middle conv of each block is 3x3; the 7x7 stem is not.
+    assert [n for n, _ in three_by_three_bns(resnet.create_model("resnet50"))][:2] == ["layer1.0.bn2",
+                                                                                        "layer1.1.bn2"]
+
+
+def test_response_std_is_the_std_of_the_bn_output_over_all_batches():
+    torch.manual_seed(0)
+    model = resnet.create_model("resnet20", num_classes=3).eval()
+    for m in model.modules():  # non-trivial BN statistics so the check means something
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    batches = [(torch.randn(4, 3, 8, 8), None), (torch.randn(3, 3, 8, 8), None)]
+    stds = dict(response_stds(model, batches))
+    captured = []
+    h = model.layer2[1].bn2.register_forward_hook(lambda m, i, o: captured.append(o.detach().clone()))
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x)
+    h.remove()
+    expected = torch.cat([c.flatten() for c in captured]).double().std(unbiased=False).item()
+    assert stds["layer2.1.bn2"] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_quick_degradation_and_responses_end_to_end(tmp_path, capsys):
+    s = Settings(quick=True, data=None, depths=(20, 32), max_iters=6)
+    runs_dir = tmp_path / "trainings"
+    result = reproduce("degradation", tmp_path / "deg", s, runs_dir=runs_dir)
+    report = (tmp_path / "deg" / "report.md").read_text()
+    assert "Reduced settings (`--quick`)" in report and "6 iterations of batch 64" in report
+    assert "| plain32 | 32 |" in report and "| resnet20 | 20 |" in report
+    assert (tmp_path / "deg" / "degradation.png").stat().st_size > 10_000
+    assert set(result["headline"]) == {"plain", "residual"}
+    assert result["nets"]["resnet20"]["params"] == 269_722 - 2 * 16 * 9  # 1 input channel: stem 16*9, not 16*27
+    summaries = {p.parent.name: p.stat().st_mtime for p in runs_dir.glob("*/summary.json")}
+    assert len(summaries) == 4
+
+    # The responses experiment needs the same networks: it reuses the finished trainings.
+    res = reproduce("responses", tmp_path / "resp", s, runs_dir=runs_dir)
+    assert {p.parent.name: p.stat().st_mtime for p in runs_dir.glob("*/summary.json")} == summaries
+    assert [len(res["stds"][a]) for a in ("plain20", "resnet20", "plain32", "resnet32")] == [19, 19, 31, 31]
+    assert all(v > 0 for v in res["stds"]["resnet32"])
+    assert "responses.png" in (tmp_path / "resp" / "report.md").read_text()
+    saved = json.loads((tmp_path / "resp" / "results.json").read_text())
+    assert saved["experiment"] == "responses" and saved["quick"] is True
+
+
+def test_bad_depths_are_one_sentence(capsys):
+    assert main(["reproduce", "degradation", "--quick", "--depths", "20,21"]) == 2
+    assert "depth 21 has no CIFAR network" in capsys.readouterr().err
