@@ -231,3 +231,21 @@ def test_gpu_memory_loader_matches_cpu():
     xc = next(make_loader(img, 6, **kwi).iter_epoch(0))[0]
     xg = next(make_loader(img, 6, device="cuda", **kwi).iter_epoch(0))[0]
     assert torch.allclose(xc, xg.cpu(), atol=1e-3)
+
+
+@pytest.mark.parametrize("augment", ["cifar", "imagenet"])
+def test_a_sample_is_augmented_the_same_whatever_the_rank_world_size_or_batch(augment):
+    n = 16
+    g = torch.Generator().manual_seed(0)
+    split = MemorySplit(
+        "t", torch.randint(0, 256, (n, 3, 12, 12), generator=g, dtype=torch.uint8), torch.arange(n)
+    )
+    kw = dict(train=True, augment=augment, mean=[0.5] * 3, std=[0.25] * 3, seed=9, cfg=TINY)
+    single = _epoch(make_loader(split, 8, **kw), 2)
+    ranks = [_epoch(make_loader(split, 4, rank=r, world_size=2, **kw), 2) for r in range(2)]
+    for i, (x, y) in enumerate(single):  # the ranks' batch i together are the single-process batch i
+        xs = torch.cat([ranks[0][i][0], ranks[1][i][0]])
+        ys = torch.cat([ranks[0][i][1], ranks[1][i][1]])
+        assert sorted(ys.tolist()) == sorted(y.tolist())
+        for label in y.tolist():
+            assert torch.allclose(x[y == label], xs[ys == label], atol=1e-6)

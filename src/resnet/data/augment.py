@@ -49,17 +49,34 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     return out.mul_((1.0 / (255.0 * std)).view(1, -1, 1, 1)).add_((-mean / std).view(1, -1, 1, 1))
 
 
-def crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+Random = torch.Generator | torch.Tensor
+
+
+def _uniforms(rand: Random, b: int, k: int) -> torch.Tensor:
+    """b x k uniforms in [0, 1): drawn from a generator, or given (one row per sample, drawn per epoch
+    from (seed, epoch) by the loader, so a sample's augmentation does not depend on batch, rank or resume)."""
+    if isinstance(rand, torch.Generator):
+        return torch.rand(b, k, generator=rand, dtype=torch.float64)
+    return rand[:, :k].double()
+
+
+def _integers(u: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """Uniform integers in [low, high] from uniforms in [0, 1)."""
+    return (low + (u * (high - low + 1)).floor().long()).clamp(max=high)
+
+
+def crop_flip(x: torch.Tensor, pad: int, rand: Random) -> torch.Tensor:
     """CIFAR augmentation on a batch: pad `pad` zeros on each side, random H x W crop, random horizontal flip.
 
     One gather for the whole batch: row and column indices per sample (the flip reverses the columns).
-    Works on uint8 (cheapest: 1 byte per value) or float, on any device.
+    Works on uint8 (cheapest: 1 byte per value) or float, on any device. `rand`: a generator, or b x 3
+    uniforms per sample (row offset, column offset, flip).
     """
     b, c, h, w = x.shape
-    offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=gen)
-    flips = torch.rand(b, generator=gen) < 0.5
+    u = _uniforms(rand, b, 3)
     dev = x.device
-    oy, ox, flips = offsets[0].to(dev), offsets[1].to(dev), flips.to(dev)
+    oy, ox = _integers(u[:, 0], 0, 2 * pad).to(dev), _integers(u[:, 1], 0, 2 * pad).to(dev)
+    flips = (u[:, 2] < 0.5).to(dev)
     ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
     rows = oy[:, None] + ar_h  # B x H
     cols = ox[:, None] + torch.where(flips[:, None], (w - 1) - ar_w, ar_w)  # B x W
@@ -72,23 +89,21 @@ def crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
     return padded.reshape(-1).index_select(0, (pix + planes).view(-1)).view(b, c, h, w)
 
 
-def scale_crop_flip(
-    x: torch.Tensor, out: int, scale_min: int, scale_max: int, gen: torch.Generator
-) -> torch.Tensor:
+def scale_crop_flip(x: torch.Tensor, out: int, scale_min: int, scale_max: int, rand: Random) -> torch.Tensor:
     """ImageNet scale augmentation on a batch of equal-size float images: per sample, shorter side resized
     to a random integer in [scale_min, scale_max], a random `out` x `out` crop, a random flip.
 
     One bilinear `grid_sample` does all three (no antialiasing; the streaming path, which resizes with
-    Pillow, is the exact one).
+    Pillow, is the exact one). `rand`: a generator, or b x 4 uniforms per sample.
     """
     b, _, h, w = x.shape
-    short = torch.randint(scale_min, scale_max + 1, (b,), generator=gen).double()
-    u = torch.rand(2, b, generator=gen, dtype=torch.float64)
-    flips = torch.rand(b, generator=gen) < 0.5
+    u = _uniforms(rand, b, 4)
+    short = _integers(u[:, 0], scale_min, scale_max).double()
+    flips = u[:, 3] < 0.5
     factor = short / min(h, w)  # resize factor per sample
     rh, rw = h * factor, w * factor  # resized size
-    top = u[0] * (rh - out).clamp(min=0)
-    left = u[1] * (rw - out).clamp(min=0)
+    top = u[:, 1] * (rh - out).clamp(min=0)
+    left = u[:, 2] * (rw - out).clamp(min=0)
     # Crop centre in normalised [-1, 1] input coordinates, crop half-size as a fraction of the input.
     cy = (top + out / 2) / rh * 2 - 1
     cx = (left + out / 2) / rw * 2 - 1
@@ -101,12 +116,15 @@ def scale_crop_flip(
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def pca_lighting(x: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
+def pca_lighting(x: torch.Tensor, std: float, rand: Random) -> torch.Tensor:
     """AlexNet PCA colour augmentation on a float batch in 0-1 units (RGB): adds eigvec @ (alpha * eigval)
-    per image, alpha ~ N(0, std^2) per image and component. Grayscale batches are returned unchanged."""
+    per image, alpha ~ N(0, std^2) per image and component. Grayscale batches are returned unchanged.
+    `rand`: a generator, or b x 3 standard normals per sample."""
     if std <= 0 or x.shape[1] != 3:
         return x
-    alpha = torch.randn(x.shape[0], 3, generator=gen) * std
+    is_gen = isinstance(rand, torch.Generator)
+    normals = torch.randn(x.shape[0], 3, generator=rand) if is_gen else rand.float()
+    alpha = normals * std
     eigval = torch.tensor(IMAGENET_EIGVAL)
     eigvec = torch.tensor(IMAGENET_EIGVEC)
     rgb = (alpha * eigval) @ eigvec.T  # B x 3

@@ -5,9 +5,10 @@ tensor ops (`augment`), normalised. Stream splits: DataLoader workers decode and
 draft mode), colour augmentation and normalisation run on the device.
 
 Sample order: a permutation drawn from (seed, epoch), the same on every rank, padded to a multiple of
-world_size and dealt round-robin (as torch's DistributedSampler). Random augmentation parameters come from
-(seed, epoch, rank, batch) for memory splits and from (seed, epoch, sample) for streamed ones, so
-`iter_epoch(epoch, start_batch)` yields exactly the batches an uninterrupted epoch would have.
+world_size and dealt round-robin (as torch's DistributedSampler), so the union of the ranks' batch i is the
+single-process batch i of world_size times the size. Random augmentation parameters are a function of
+(seed, epoch, sample) alone: `iter_epoch(epoch, start_batch)` yields exactly the batches an uninterrupted
+epoch would have, and a sample is augmented the same whatever the rank, world size or batch size.
 """
 
 from __future__ import annotations
@@ -110,6 +111,16 @@ class _Loader:
             perm = torch.cat([perm, perm[: total - n]])
         return perm[self.rank : total : self.world_size]
 
+    def epoch_random(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N x 4 uniforms, N x 3 normals): every sample's augmentation randomness for `epoch`."""
+        if getattr(self, "_random_epoch", None) != epoch:
+            gen = generator(self.seed, epoch, 2 << 20)
+            n = len(self.split)
+            uniforms = torch.rand(n, 4, generator=gen, dtype=torch.float64)
+            self._random = (uniforms, torch.randn(n, 3, generator=gen))
+            self._random_epoch = epoch
+        return self._random
+
     def _batches(self, epoch: int, start_batch: int) -> Iterator[tuple[int, torch.Tensor]]:
         order = self.order(epoch)
         for b in range(start_batch, len(self)):
@@ -147,7 +158,7 @@ class MemoryLoader(_Loader):
         self, epoch: int, start_batch: int = 0
     ) -> Iterator[tuple[torch.Tensor | ViewBatch, torch.Tensor]]:
         """(x, y) batches of `epoch` from batch `start_batch` on; x normalised float32 on the device."""
-        for b, idx in self._batches(epoch, start_batch):
+        for _, idx in self._batches(epoch, start_batch):
             with single_thread(self.device.type == "cpu"):
                 if self._on_device:
                     idx_d = idx.to(self.device)
@@ -156,17 +167,19 @@ class MemoryLoader(_Loader):
                     x = self.split.gather(idx)
                     y = self.split.labels[idx]
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                out = self._transform(x, epoch, b)
+                out = self._transform(x, epoch, idx)
             yield out, y
 
-    def _transform(self, x: torch.Tensor, epoch: int, b: int):
-        gen = generator(self.seed, epoch, self.rank, b)
+    def _transform(self, x: torch.Tensor, epoch: int, idx: torch.Tensor):
+        if self.mode in ("cifar", "imagenet"):
+            uniforms, normals = self.epoch_random(epoch)
+            uniforms, normals = uniforms[idx], normals[idx]
         if self.mode == "cifar":
-            return self._finish(normalize(crop_flip(x, self.cfg.pad, gen), self.mean, self.std))
+            return self._finish(normalize(crop_flip(x, self.cfg.pad, uniforms), self.mean, self.std))
         if self.mode == "imagenet":
             cfg = self.cfg
-            xf = scale_crop_flip(x.float().div_(255.0), cfg.crop, cfg.scale_min, cfg.scale_max, gen)
-            xf = pca_lighting(xf, cfg.pca_std, gen)
+            xf = scale_crop_flip(x.float().div_(255.0), cfg.crop, cfg.scale_min, cfg.scale_max, uniforms)
+            xf = pca_lighting(xf, cfg.pca_std, normals)
             return self._finish(normalize(xf * 255.0, self.mean, self.std))
         xf = normalize(x, self.mean, self.std)
         out = make_views(xf, self.mode, self.cfg) if self.mode != "full" else xf
@@ -249,14 +262,13 @@ def _collate(samples):
     good = [s for s in samples if s[0] is not None]
     bad = [(s[2], s[3]) for s in samples if s[0] is None]
     labels = torch.tensor([s[1] for s in good], dtype=torch.int64)
+    idx = torch.tensor([s[2] for s in good], dtype=torch.int64)
     if not good:
-        return None, labels, bad
+        return None, labels, idx, bad
     first = good[0][0]
-    if isinstance(first, list):
-        return [s[0] for s in good], labels, bad
-    if all(s[0].shape == first.shape for s in good):
-        return torch.stack([s[0] for s in good]), labels, bad
-    return [s[0] for s in good], labels, bad  # "full" view of images of different sizes
+    if not isinstance(first, list) and all(s[0].shape == first.shape for s in good):
+        return torch.stack([s[0] for s in good]), labels, idx, bad
+    return [s[0] for s in good], labels, idx, bad  # multi-scale views, or images of different sizes
 
 
 class _EpochBatches:
@@ -324,13 +336,13 @@ class StreamLoader(_Loader):
         """(x, y) batches of `epoch` from batch `start_batch` on; x normalised float32 on the device."""
         batches = list(self._batches(epoch, start_batch))
         self._sampler.batches = [[(int(i), epoch) for i in idx] for _, idx in batches]
-        for (b, _), (x, y, bad) in zip(batches, self._dl, strict=True):
+        for _, (x, y, idx, bad) in zip(batches, self._dl, strict=True):
             for i, reason in bad:
                 self._skip(self.split.paths[i], reason)
             if x is None:
                 continue
             with single_thread(self.device.type == "cpu"):
-                out = self._transform(x, y, epoch, b)
+                out = self._transform(x, y, epoch, idx)
             yield out
 
     def _skip(self, path: str, reason: str) -> None:
@@ -340,13 +352,12 @@ class StreamLoader(_Loader):
             self.skipped.append((path, reason))
             warnings.warn(f"skipped {path}: it {reason}", SkippedImageWarning, stacklevel=2)
 
-    def _transform(self, x, y: torch.Tensor, epoch: int, b: int):
+    def _transform(self, x, y: torch.Tensor, epoch: int, idx: torch.Tensor):
         dev = self.device
         y = y.to(dev, non_blocking=True)
         if self.mode == "imagenet":
-            gen = generator(self.seed, epoch, self.rank, b)
             xf = x.to(dev, non_blocking=True).float().div_(255.0)
-            xf = pca_lighting(xf, self.cfg.pca_std, gen)
+            xf = pca_lighting(xf, self.cfg.pca_std, self.epoch_random(epoch)[1][idx])
             return self._finish(normalize(xf * 255.0, self.mean, self.std)), y
         if self.mode == "10crop":
             n = x.shape[0]
