@@ -2,7 +2,8 @@
 
 Cases (the issue's): ResNet-50 at 224x224, batch 1 and 32; ResNet-20 at 32x32, batch 256. Per case:
 - eager: the model as a typical user runs it (fp32, NCHW, BatchNorm unfused, `torch.no_grad`);
-- ours: `resnet.inference.InferenceModel` with its default backend (what eval and predict use);
+- ours: `resnet.inference.InferenceModel` with its default backend (what eval and predict use; on the
+  CPU, ONNX Runtime with the thread setting it measured fastest during its first calls);
 - onnxruntime: the same exported ONNX model (BN folded) in a default `InferenceSession`.
 Methods are timed in interleaved rounds (eager, ours, ort, eager, ...) so that load from other processes
 hits all three alike; the figure is the median. Equal accuracy: on real CIFAR-10 JPEGs (upscaled for
@@ -108,6 +109,9 @@ def run_case(name: str, size: int, batch: int, rounds: int, peak: float, env: di
                       "max_abs_logit": float(ref.abs().max()),
                       "top1_agree": float((out.argmax(1) == ref.argmax(1)).float().mean()), "n": len(ref)}
     x = check[:batch].contiguous()  # the accuracy check above was also every method's warm-up
+    while ours._ort is not None and ours._ort.chosen is None:  # let ours finish choosing its thread setting
+        ours(x)
+    chosen = None if ours._ort is None else {"threads": ours._ort.chosen[0], "spin": ours._ort.chosen[1]}
     times: dict[str, list[float]] = {k: [] for k in methods}
     for _ in range(rounds):
         for key, fn in methods.items():
@@ -120,6 +124,7 @@ def run_case(name: str, size: int, batch: int, rounds: int, peak: float, env: di
         lines.append({
             "bench": "infer", "model": name, "input": size, "batch": batch, "method": key,
             "backend": ours.backend if key == "ours" else key,
+            **({"ort_setting": chosen} if key == "ours" and chosen else {}),
             "images_per_s": round(ips[key], 2),
             "vs_eager": round(ips[key] / ips["eager"], 3), "vs_onnxruntime": round(ips[key] / ips["onnxruntime"], 3),
             "gflop_per_image": round(flops / 1e9, 3),

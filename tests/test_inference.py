@@ -70,3 +70,16 @@ def test_inference_model_backends_match_eager(backend):
 def test_unknown_backend_is_a_user_error():
     with pytest.raises(UserError, match="backend must be one of"):
         InferenceModel(create_model("resnet20"), backend="tensorrt")
+
+
+def test_onnxruntime_backend_settles_on_one_thread_setting_and_keeps_outputs():
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = randomise_bn(create_model("resnet20", num_classes=3))
+    predictor = InferenceModel(model, {"input_size": [3, 16, 16]}, backend="onnxruntime")
+    x = inputs((2, 3, 16, 16))
+    with torch.no_grad():
+        ref = model(x)
+    for _ in range(16):  # every candidate: one warm-up and TRIALS timed calls
+        assert (predictor(x) - ref).abs().max() < 1e-4
+    assert predictor._ort.chosen is not None and len(predictor._ort.candidates) == 1
