@@ -120,11 +120,15 @@ def test_eval_cli_json_per_class_and_confusion_png(tmp_path, capsys):
 def test_eval_under_torchrun_counts_every_sample_once(tmp_path):
     data = image_folder(tmp_path / "data")
     run = constant_model(tmp_path / "run", list(COUNTS), favourite="cherry")
+    from resnet.data import load_dataset
+
+    load_dataset(str(data), cache_dir=str(tmp_path / "cache"))  # decode cache built once, not raced by ranks
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "resnet", "eval", str(run), "--data", str(data), "--format", "json", "--backend", "torch",
            "--batch-size", "2", "--cache-dir", str(tmp_path / "cache")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-3000:]
+    assert proc.stdout.count('"n":') == 1, proc.stdout  # rank 0 alone prints
     res = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert res["world_size"] == 2 and res["n"] == 10 and res["top1_err"] == pytest.approx(0.5)
