@@ -217,3 +217,21 @@ def test_cli_reports_a_bad_model_in_one_line_and_exit_2(tmp_path, capsys):
     assert err.count("\n") == 0 and str(bad) in err
     assert main(["eval", str(tmp_path / "missing"), "--data", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_model_json_digest_catches_a_flipped_bit_and_ignores_the_checkpoint(tmp_path):
+    """save_model_artifacts records the weights' sha256; a flipped bit in model.safetensors is refused, while
+    a checkpoint beside the same model.json (other weights) still loads."""
+    model = create_model("resnet20", num_classes=3)
+    meta = {"arch": "resnet20", "options": {"num_classes": 3}, "classes": ["a", "b", "c"], "mean": [0.5] * 3,
+            "std": [0.25] * 3, "input_size": [3, 32, 32]}
+    weights = save_model_artifacts(tmp_path / "run", model, meta)
+    assert "weights_sha256" in json.loads((tmp_path / "run" / "model.json").read_text())
+    load_model(tmp_path / "run")
+    torch.save({"model": create_model("resnet20", num_classes=3).state_dict()}, tmp_path / "run" / "c.pt")
+    load_model(tmp_path / "run" / "c.pt")
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="checksum"):
+        load_model(tmp_path / "run")

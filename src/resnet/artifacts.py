@@ -9,6 +9,7 @@ Weights never pass through pickle: safetensors only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -62,6 +63,17 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the sorted names, dtypes, shapes and bytes of a state dict: catches any flipped bit in the
+    tensor data, which neither safetensors nor torch.load check on their own."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_model_artifacts(out_dir: str | os.PathLike, model: torch.nn.Module, meta: dict) -> Path:
     """Write `model.safetensors` and `model.json` into `out_dir` atomically; returns the weights path.
 
@@ -72,6 +84,7 @@ def save_model_artifacts(out_dir: str | os.PathLike, model: torch.nn.Module, met
     if missing:
         raise ValueError(f"model metadata lacks {', '.join(missing)}")
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in clean_state_dict(unwrap(model).state_dict()).items()}
     weights = out_dir / "model.safetensors"
     fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=out_dir)
@@ -84,6 +97,7 @@ def save_model_artifacts(out_dir: str | os.PathLike, model: torch.nn.Module, met
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    doc = {"format": FORMAT, **meta}
+    # safetensors has no checksum of its own: the digest lets loading catch a flipped bit in the weights.
+    doc = {"format": FORMAT, **meta, "weights_sha256": state_digest(state)}
     atomic_write_bytes(out_dir / "model.json", (json.dumps(doc, indent=2) + "\n").encode())
     return weights
