@@ -120,3 +120,19 @@ def test_run_directory_holds_every_output(tmp_path):
     for key in ("val_top1_err", "test_top1_err", "iterations", "wall_s", "images_per_s", "skipped"):
         assert summary[key] is not None, key
     assert summary["iterations"] == 12 and 0 <= summary["test_top1_err"] <= 1
+
+
+def test_fp16_on_cpu_is_refused_with_a_sentence(tmp_path):
+    cfg = load_recipe("cifar10-resnet20", tiny_overrides(precision="fp16", device="cpu"))
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        train(cfg, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_path_trains_in_every_precision(tmp_path, precision):
+    cfg = load_recipe("cifar10-resnet20", tiny_overrides(device="cuda", precision=precision, channels_last=True))
+    summary = train(cfg, tmp_path)
+    assert summary["device"].startswith("cuda") and summary["iterations"] == 12
+    assert checkpoint.all_finite(load_file(tmp_path / "model.safetensors"))
