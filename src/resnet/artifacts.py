@@ -13,17 +13,20 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
 FORMAT = "resnet-model/1"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview,
+                       before_rename: Callable[[], None] | None = None) -> None:
     """Write `data` to `path` so that `path` is either the old file or the complete new one (temp + fsync +
-    rename), never a half-written file, whatever kills the process."""
+    rename), never a half-written file, whatever kills the process. `before_rename` runs between the fsync
+    and the rename (tests use it to kill a process in the middle of a write)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -32,6 +35,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -87,16 +92,7 @@ def save_model_artifacts(out_dir: str | os.PathLike, model: torch.nn.Module, met
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in clean_state_dict(unwrap(model).state_dict()).items()}
     weights = out_dir / "model.safetensors"
-    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": FORMAT, "arch": str(meta["arch"])})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, weights)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(weights, save_safetensors(state, metadata={"format": FORMAT, "arch": str(meta["arch"])}))
     # safetensors has no checksum of its own: the digest lets loading catch a flipped bit in the weights.
     doc = {"format": FORMAT, **meta, "weights_sha256": state_digest(state)}
     atomic_write_bytes(out_dir / "model.json", (json.dumps(doc, indent=2) + "\n").encode())

@@ -10,13 +10,13 @@ from __future__ import annotations
 import io
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..artifacts import atomic_write_bytes
 from ..errors import UserError
 
 FORMAT = "resnet-checkpoint/1"
@@ -64,24 +64,8 @@ def save(path: str | os.PathLike, state: dict) -> None:
         raise RuntimeError("refusing to write a checkpoint with non-finite weights")
     buf = io.BytesIO()
     torch.save(state, buf)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        if os.environ.get(_SLOW_WRITE_ENV):
-            time.sleep(float(os.environ[_SLOW_WRITE_ENV]))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    pause = os.environ.get(_SLOW_WRITE_ENV)  # tests kill the process inside this window
+    atomic_write_bytes(path, buf.getbuffer(), before_rename=(lambda: time.sleep(float(pause))) if pause else None)
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
