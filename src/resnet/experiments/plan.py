@@ -41,7 +41,7 @@ class Settings:
 
 
 # Reduced settings of --quick, per data source; stated in every quick report.
-QUICK_DIGITS = {"max_iters": 300, "eval_every": 100, "log_every": 10, "ramp_iters": 30,
+QUICK_DIGITS = {"max_iters": 300, "eval_every": 50, "log_every": 10, "ramp_iters": 30,
                 "checkpoint_every": 100, "depths": (20, 32, 44, 56)}
 QUICK_DATA = {"max_iters": 200, "batch_size": 64, "ref_batch_size": 64, "eval_every": 100, "log_every": 10,
               "checkpoint_every": 100, "val_size": 1000, "depths": (20, 56)}

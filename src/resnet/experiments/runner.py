@@ -14,6 +14,8 @@ from .plan import RunSpec, Settings, plan_runs, quick_notes
 from .report import curve, final_train_err, header, md_table, mean_std, pct, pyplot, read_metrics, save
 from .responses import response_stds
 
+SATURATED = 0.01  # a training error this low leaves depth nothing to improve on
+
 TITLES = {
     "degradation": "Degradation: plain against residual networks of growing depth (Sec. 4.2, Fig. 6)",
     "shortcuts": "Shortcut options A, B and C (Sec. 3.3, Table 3), on CIFAR",
@@ -167,8 +169,12 @@ def _degradation(runs, summaries, runs_dir: Path, out: Path, s: Settings) -> tup
             return "needs two depths"
         verb = "higher" if h["deep_err"] > h["shallow_err"] else "lower or equal"
         outcome = "appeared" if h["shown"] else "did not appear"
-        return (f"{h['deep']} ends with {verb} training error than {h['shallow']} ({pct(h['deep_err'])}% vs "
+        text = (f"{h['deep']} ends with {verb} training error than {h['shallow']} ({pct(h['deep_err'])}% vs "
                 f"{pct(h['shallow_err'])}%): the paper's direction **{outcome}**")
+        if not plain and not h["shown"] and h["shallow_err"] < SATURATED:
+            text += (f"; the shallowest ResNet already trains to under {100 * SATURATED:g}% error here, so "
+                     f"this data cannot show a gain from depth, only whether depth hurts")
+        return text
 
     body = ["## Result", "",
             f"- plain nets: {say(plain, True)} (the paper: deeper plain nets have *higher* training error).",
