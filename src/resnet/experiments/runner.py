@@ -181,7 +181,8 @@ def _degradation(runs, summaries, runs_dir: Path, out: Path, s: Settings) -> tup
             f"- ResNets: {say(residual, False)} (the paper: deeper ResNets have *lower* training error).", "",
             md_table(["network", "depth", "final training error (%)", "val error (%)", "test error (%)",
                       "paper test error (%, Table 6)"], rows), "",
-            "Final training error: mean of the logged training error (on the augmented batches, as in the "
+            "Final training error: mean of the logged training error (on the training batches as the network "
+            "saw them, augmented where the recipe augments, as in the "
             "paper's curves) over the last 20% of iterations.", ""]
     if plotted:
         body += ["![training and validation error against iterations](degradation.png)", ""]
