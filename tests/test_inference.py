@@ -5,20 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import randomise_bn
 from resnet import UserError, create_model
 from resnet.inference import InferenceModel, count_batchnorms, fold_bn
 from resnet.models import Bottleneck
-
-
-def randomise_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-    return model.eval()
 
 
 def inputs(shape=(3, 3, 32, 32)) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import UserError
+from ..errors import UserError, did_you_mean
 
 EXPERIMENTS = ("degradation", "shortcuts", "responses", "table6")
 
@@ -103,12 +103,8 @@ def _base(arch: str, s: Settings) -> tuple[str, list[str]]:
 def plan_runs(experiment: str, s: Settings) -> list[RunSpec]:
     """The runs `experiment` needs in this mode, in the order they are trained."""
     if experiment not in EXPERIMENTS:
-        from ..errors import did_you_mean
-
         raise UserError(f"unknown experiment '{experiment}'{did_you_mean(experiment, EXPERIMENTS)}; "
                         f"choose one of {', '.join(EXPERIMENTS)}.")
-    if experiment == "table6" and s.quick is False and s.data is None:
-        pass  # the official CIFAR-10 release (downloaded when online) is the recipes' default
     runs = []
     for seed in range(s.seeds):
         for depth in _depths(experiment, s):

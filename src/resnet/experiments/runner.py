@@ -104,6 +104,11 @@ def _per_net(runs: list[RunSpec], summaries: dict, runs_dir: Path) -> dict[str, 
     return nets
 
 
+def _without_curves(nets: dict[str, dict]) -> dict[str, dict]:
+    """The per-network figures for results.json; the curves stay in each run's metrics.jsonl."""
+    return {k: {kk: vv for kk, vv in v.items() if not kk.endswith("_curve")} for k, v in nets.items()}
+
+
 def _params(run_dir: Path) -> int | None:
     """Parameter count of the trained network, from the options saved in its model.json."""
     from ..complexity import model_cost
@@ -186,7 +191,7 @@ def _degradation(runs, summaries, runs_dir: Path, out: Path, s: Settings) -> tup
             "paper's curves) over the last 20% of iterations.", ""]
     if plotted:
         body += ["![training and validation error against iterations](degradation.png)", ""]
-    results = {"nets": {k: {kk: vv for kk, vv in v.items() if not kk.endswith("_curve")} for k, v in nets.items()},
+    results = {"nets": _without_curves(nets),
                "headline": {"plain": plain, "residual": residual}}
     return "\n".join(body), results
 
@@ -207,8 +212,7 @@ def _shortcuts(runs, summaries, runs_dir: Path, out: Path, s: Settings) -> tuple
             "The paper's figures (ImageNet; the question is the same: do projections matter?):", "", paper, "",
             "The paper concludes the differences are small, so projections are not essential to the "
             "degradation fix; B is its ImageNet default and A its CIFAR default.", ""]
-    return "\n".join(body), {"nets": {k: {kk: vv for kk, vv in v.items() if not kk.endswith("_curve")}
-                                      for k, v in nets.items()}}
+    return "\n".join(body), {"nets": _without_curves(nets)}
 
 
 # --- responses ---------------------------------------------------------------------------------------
@@ -313,5 +317,4 @@ def _table6(runs, summaries, runs_dir: Path, out: Path, s: Settings) -> tuple[st
             "The paper reports the best of 5 runs (mean ± std for ResNet-110)."
             + ("" if has_test else " This data source has no test split, so the validation error is shown; "
                "compare like with like."), ""]
-    return "\n".join(body), {"nets": {k: {kk: vv for kk, vv in v.items() if not kk.endswith("_curve")}
-                                      for k, v in nets.items()}, "split": split}
+    return "\n".join(body), {"nets": _without_curves(nets), "split": split}
