@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -31,28 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import machine
 from resnet.data import load_dataset, make_loader
 from resnet.data.decode import decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FOLDER = ROOT.parent / "shared" / "data" / "cifar10"
-
-
-def machine() -> dict:
-    model, mhz = platform.processor() or "unknown", None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("cpu MHz") and mhz is None:
-                mhz = float(line.split(":", 1)[1])
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    peak = cores * 32 * mhz * 1e6 / 1e9 if mhz else None  # AVX2: two 8-wide FMA units = 32 FLOP/cycle
-    return {"cores": cores, "cpu": model, "mhz": mhz, "fp32_peak_gflops": peak, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "loadavg_1m": os.getloadavg()[0]}
 
 
 def emit(figure: str, value: float, unit: str, **extra) -> None:

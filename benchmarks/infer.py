@@ -11,8 +11,9 @@ ResNet-50) every method's logits are compared with eager's (max abs difference) 
 every image. The models are freshly initialised with randomised BatchNorm statistics (no trained ImageNet
 weights here), which exercises folding as trained weights would.
 
-Fraction of peak: FLOPs = 2 x multiply-adds (resnet.complexity); FP32 peak = cores x 32 FLOP/cycle (AVX2,
-two FMA units) x clock, both read at run time. Prints one JSON line per figure. Run: python benchmarks/infer.py
+Fraction of peak: FLOPs = 2 x multiply-adds (resnet.complexity), over the nominal FP32 peak (cores x 32
+FLOP/cycle x reported clock) and over the FMA peak measured now (benchmarks/common.py). Prints one JSON
+line per figure. Run: python benchmarks/infer.py
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import fractions, machine
 from resnet import create_model
 from resnet.complexity import layer_costs
 from resnet.data.decode import decode_image
@@ -40,17 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10" / "train"
 CASES = [("resnet50", 224, 1, 12), ("resnet50", 224, 32, 3), ("resnet20", 32, 256, 7)]
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
-
-
-def clock_ghz() -> float:
-    """Current core clock from /proc/cpuinfo (the highest reported), else lscpu's max, else 0."""
-    try:
-        mhz = [float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.lower().startswith("cpu mhz")]
-        if mhz:
-            return max(mhz) / 1000
-    except OSError:
-        pass
-    return 0.0
 
 
 def real_images(n: int, size: int) -> torch.Tensor:
@@ -80,7 +70,7 @@ def randomised(name: str) -> torch.nn.Module:
     return model
 
 
-def run_case(name: str, size: int, batch: int, rounds: int, peak: float, env: dict) -> list[dict]:
+def run_case(name: str, size: int, batch: int, rounds: int, env: dict) -> list[dict]:
     import onnxruntime as ort
 
     model = randomised(name)
@@ -127,8 +117,7 @@ def run_case(name: str, size: int, batch: int, rounds: int, peak: float, env: di
             **({"ort_setting": chosen} if key == "ours" and chosen else {}),
             "images_per_s": round(ips[key], 2),
             "vs_eager": round(ips[key] / ips["eager"], 3), "vs_onnxruntime": round(ips[key] / ips["onnxruntime"], 3),
-            "gflop_per_image": round(flops / 1e9, 3),
-            "frac_fp32_peak": round(ips[key] * flops / peak, 3) if peak else None,
+            "gflop_per_image": round(flops / 1e9, 3), **fractions(ips[key] * flops / 1e9, env),
             "accuracy_check": agree[key], "rounds": rounds, **env, "load_avg_1m": round(os.getloadavg()[0], 2),
         })
     return lines
@@ -138,17 +127,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     args = parser.parse_args()
-    cores, ghz = default_threads(), clock_ghz()
-    torch.set_num_threads(cores)
-    peak = cores * 32 * ghz * 1e9
+    torch.set_num_threads(default_threads())
     import onnxruntime
 
-    env = {"cores": cores, "clock_ghz": round(ghz, 3), "fp32_peak_gflops": round(peak / 1e9, 1),
-           "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-           "onnxruntime": onnxruntime.__version__, "load_avg_1m": round(os.getloadavg()[0], 2)}
+    env = {**machine(), "onnxruntime": onnxruntime.__version__}
     np.random.seed(0)
     for name, size, batch, rounds in CASES:
-        for line in run_case(name, size, batch, max(2, rounds // 3) if args.quick else rounds, peak, env):
+        for line in run_case(name, size, batch, max(2, rounds // 3) if args.quick else rounds, env):
             print(json.dumps(line), flush=True)
     return 0
 

@@ -10,15 +10,15 @@ into memory), batch 128. Methods run in interleaved rounds (ref, ours..., ref, .
 processes hits all alike; each figure is the median over rounds of images/s in a window of steps.
 
 Fraction of peak: training FLOPs per image = 3 x forward FLOPs = 3 x 2 x multiply-adds
-(resnet.complexity); FP32 peak = cores x 32 FLOP/cycle (AVX2: two 8-wide FMA units) x clock, with cores
-and clock read at run time. Prints one JSON line per figure. Run: python benchmarks/train.py [--rounds N]
+(resnet.complexity), over the nominal FP32 peak (cores x 32 FLOP/cycle x reported clock) and over the
+FMA peak measured now (benchmarks/common.py). Prints one JSON line per figure.
+Run: python benchmarks/train.py [--rounds N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import tempfile
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common import fractions, machine
 from resnet import create_model
 from resnet.complexity import model_cost
 from resnet.train.config import load_recipe
@@ -45,24 +46,6 @@ VARIANTS = {  # name -> overrides of the cifar10-resnet20 recipe
     "ours bf16 channels_last": ["channels_last=true", "precision=bf16"],
     "ours compile channels_last": ["channels_last=true", "compile=true"],
 }
-
-
-def machine() -> dict:
-    """Cores and clock as read now, and where each came from."""
-    cores = len(os.sched_getaffinity(0))
-    clock, source = 0.0, "unknown"
-    max_freq = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
-    if max_freq.exists():
-        clock, source = int(max_freq.read_text()) / 1e6, str(max_freq)
-    else:
-        mhz = [float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.lower().startswith("cpu mhz")]
-        if mhz:
-            clock, source = max(mhz) / 1000, "/proc/cpuinfo cpu MHz (no cpufreq max on this machine)"
-    model = next((line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 "?")
-    return {"cpu": model, "cores": cores, "cores_source": "os.sched_getaffinity", "clock_ghz": round(clock, 3),
-            "clock_source": source, "peak_gflops": cores * 32 * clock, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
 
 
 def load_images():
@@ -176,11 +159,9 @@ def main() -> None:
     ref = statistics.median(rates["reference"])
     for name, values in rates.items():
         rate = statistics.median(values)
-        gflops = rate * flops_per_image / 1e9
         print(json.dumps({
             "bench": "train_resnet20_cifar10", "method": name, "images_per_s": round(rate, 1),
-            "vs_reference": round(rate / ref, 3), "achieved_gflops": round(gflops, 2),
-            "fraction_of_fp32_peak": round(gflops / info["peak_gflops"], 3) if info["peak_gflops"] else None,
+            "vs_reference": round(rate / ref, 3), **fractions(rate * flops_per_image / 1e9, info),
             "windows_images_per_s": [round(v, 1) for v in values], "batch": BATCH, "steps_per_window": args.steps,
             "train_flops_per_image": flops_per_image, **info}))
 

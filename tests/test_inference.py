@@ -7,8 +7,8 @@ import torch
 
 from helpers import randomise_bn
 from resnet import UserError, create_model
-from resnet.inference import InferenceModel, count_batchnorms, fold_bn
-from resnet.models import Bottleneck
+from resnet.inference import InferenceModel, count_batchnorms, fold_bn, pad_shortcuts_as_conv
+from resnet.models import Bottleneck, PadShortcut
 
 
 def inputs(shape=(3, 3, 32, 32)) -> torch.Tensor:
@@ -35,6 +35,28 @@ def test_fold_bn_in_a_downsampling_bottleneck(variant):
     x = inputs((2, 32, 12, 12))
     with torch.no_grad():
         assert count_batchnorms(folded) == 0 and (folded(x) - block(x)).abs().max() < 1e-4
+
+
+def test_pad_shortcuts_as_conv_is_exact_and_leaves_the_original_alone():
+    torch.manual_seed(0)
+    model = randomise_bn(create_model("resnet20")).eval()
+    rewritten = pad_shortcuts_as_conv(fold_bn(model))
+    assert sum(isinstance(m, PadShortcut) for m in model.modules()) == 2
+    assert not any(isinstance(m, PadShortcut) for m in rewritten.modules())
+    x = inputs((4, 3, 32, 32)) * 3
+    with torch.no_grad():
+        assert torch.equal(rewritten(x), fold_bn(model)(x))  # bit for bit, not just close
+
+
+def test_onnx_graph_of_an_option_a_net_is_convolutions_only():
+    onnx = pytest.importorskip("onnx")
+    from resnet.export import export_meta, onnx_bytes
+
+    model = create_model("resnet20")
+    meta = {"arch": "resnet20", "classes": [str(i) for i in range(10)], "input_size": [3, 32, 32]}
+    graph = onnx.load_from_string(onnx_bytes(fold_bn(model), export_meta(meta, bn_folded=True, fmt="onnx"))).graph
+    ops = {node.op_type for node in graph.node}
+    assert "Conv" in ops and not ops & {"Pad", "Slice", "Concat", "BatchNormalization"}
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "auto"])

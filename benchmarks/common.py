@@ -1,0 +1,104 @@
+"""What every benchmark line carries about the machine, and the two peaks its fractions are taken of.
+
+- `fp32_peak_gflops`: the design guide's definition, cores x 32 FLOP/cycle (AVX2: two 8-wide FMA units)
+  x the clock the OS reports (resnet.machine). On a VM the reported clock can be the base clock while the
+  cores run faster (turbo), so fractions of this peak can overstate how close a figure is to the hardware.
+- `measured_fma_gflops`: what the cores actually deliver, measured now: a C loop of independent AVX2 FMAs
+  (ten accumulators per thread, enough to cover the FMA latency on both units) on every core this process
+  may use, for about a second. It needs a C compiler (cc/gcc); without one the field is null. The
+  effective clock it implies (`measured_ghz`) is printed too.
+
+Fractions of both are printed; the measured one is the honest ceiling.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from resnet.machine import machine_info
+
+_FMA_LOOP = r"""
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+static long iters;
+#define FMA(r) r = _mm256_fmadd_ps(r, b, c)
+static void *work(void *out) {
+    /* ten independent accumulators in named registers (an array could be spilled to memory) */
+    __m256 b = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+    __m256 a0 = _mm256_set1_ps(1), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
+           a9 = a0;
+    for (long i = 0; i < iters; i++) {
+        FMA(a0); FMA(a1); FMA(a2); FMA(a3); FMA(a4); FMA(a5); FMA(a6); FMA(a7); FMA(a8); FMA(a9);
+    }
+    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                             _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
+    s = _mm256_add_ps(s, _mm256_add_ps(a8, a9));
+    float v[8];
+    _mm256_storeu_ps(v, s);
+    *(float *)out = v[0];
+    return 0;
+}
+int main(int argc, char **argv) {
+    int threads = atoi(argv[1]);
+    iters = atol(argv[2]);
+    pthread_t t[256];
+    float out[256];
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int i = 0; i < threads; i++) pthread_create(&t[i], 0, work, &out[i]);
+    for (int i = 0; i < threads; i++) pthread_join(t[i], 0);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double s = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
+    printf("%.6f %f\n", s, out[0]);
+    return 0;
+}
+"""
+
+
+@lru_cache(maxsize=1)
+def measured_fma_gflops(cores: int, repeats: int = 3) -> float | None:
+    """The best of `repeats` runs of the FMA loop on `cores` threads, in GFLOP/s; None without a compiler
+    or on a CPU without AVX2/FMA."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or "avx2" not in Path("/proc/cpuinfo").read_text(errors="ignore"):
+        return None
+    iters = 20_000_000  # x 10 accumulators x 8 lanes x 2 FLOP = 3.2 GFLOP per thread, ~1 s per run
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = Path(tmp) / "fma.c", Path(tmp) / "fma"
+        src.write_text(_FMA_LOOP)
+        built = subprocess.run([cc, "-O2", "-mavx2", "-mfma", "-pthread", str(src), "-o", str(exe)],
+                               capture_output=True)
+        if built.returncode:
+            return None
+        best = 0.0
+        for _ in range(repeats):
+            out = subprocess.run([str(exe), str(cores), str(iters)], capture_output=True, text=True, check=True)
+            seconds = float(out.stdout.split()[0])
+            best = max(best, cores * iters * 10 * 8 * 2 / seconds / 1e9)
+    return best
+
+
+def machine() -> dict:
+    """resnet.machine's record plus the measured FMA peak, for the head of every benchmark line."""
+    info = machine_info()
+    measured = measured_fma_gflops(info["cores"])
+    info["measured_fma_gflops"] = round(measured, 1) if measured else None
+    info["measured_ghz"] = round(measured / info["cores"] / 32, 3) if measured else None
+    info["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+def fractions(gflops: float, info: dict) -> dict:
+    """Achieved GFLOP/s as a fraction of the nominal and of the measured peak."""
+    nominal, measured = info.get("fp32_peak_gflops"), info.get("measured_fma_gflops")
+    return {"achieved_gflops": round(gflops, 2),
+            "fraction_of_fp32_peak": round(gflops / nominal, 3) if nominal else None,
+            "fraction_of_measured_peak": round(gflops / measured, 3) if measured else None}
