@@ -77,6 +77,17 @@ def test_macs_match_table1_within_2_percent(name, paper_g):
     assert abs(macs / 1e9 - paper_g) / paper_g < 0.02
 
 
+def test_the_default_cost_table_equals_tracing_every_model():
+    # `resnet models` reads DEFAULT_COSTS; it must be what tracing the current architectures gives.
+    from resnet.complexity import DEFAULT_COSTS, _traced_cost
+
+    assert set(DEFAULT_COSTS) == set(resnet.list_models())
+    traced = {name: _traced_cost(name, ()) for name in DEFAULT_COSTS}
+    assert {name: (c["params"], c["macs"]) for name, c in traced.items()} == DEFAULT_COSTS
+    assert all(c["params"] == sum(p.numel() for p in resnet.create_model(n).parameters())
+               for n, c in traced.items() if n in ("resnet20", "resnet50"))
+
+
 def test_v15_resnet50_counts_4_1_gmacs():
     # Moving the stride to the 3x3 makes that conv (and the first 1x1) run at the higher resolution.
     assert round(model_cost("resnet50", variant="v1.5")["macs"] / 1e9, 1) == 4.1
