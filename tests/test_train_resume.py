@@ -141,3 +141,21 @@ def test_finished_run_is_not_retrained(reference):
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     again = _finish(out)
     assert again == first and (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_layout_may_change_between_a_run_and_its_resumption_but_the_math_may_not(tmp_path):
+    from resnet.errors import UserError
+    from resnet.train import load_recipe, train
+
+    out = tmp_path / "run"
+    first = train(load_recipe("cifar10-resnet20", tiny_overrides(max_iters=4, eval_every=4,
+                                                                   channels_last=False)), out)
+    # A finished run is returned, not retrained, under the other layout...
+    again = train(load_recipe("cifar10-resnet20", tiny_overrides(max_iters=4, eval_every=4)), out)
+    assert again == first
+    # ...and its checkpoint loads under it (the summary gone, the run resumes from its last step).
+    (out / "summary.json").unlink()
+    resumed = train(load_recipe("cifar10-resnet20", tiny_overrides(max_iters=4, eval_every=4, compile=False)), out)
+    assert resumed["iterations"] == 4 and resumed["val_top1_err"] == pytest.approx(first["val_top1_err"], abs=0.02)
+    with pytest.raises(UserError, match="different settings.*lr"):
+        train(load_recipe("cifar10-resnet20", tiny_overrides(max_iters=4, eval_every=4, lr=0.07)), out)

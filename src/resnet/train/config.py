@@ -71,7 +71,7 @@ class TrainConfig:
     # runtime
     device: str = "auto"
     precision: str = "fp32"
-    channels_last: bool = False
+    channels_last: bool = True
     compile: bool = False
     sync_bn: bool = False
     threads: int | None = None
@@ -85,9 +85,11 @@ class TrainConfig:
         return asdict(self)
 
 
-# Keys that may differ between a run and its resumption without changing what is computed.
+# Keys that may differ between a run and its resumption without changing what is computed. The memory
+# layout and compilation change only rounding: a run resumed with another `channels_last` or `compile`
+# equals the uninterrupted one up to rounding, not bit for bit (the same command is bit for bit).
 RUNTIME_KEYS = frozenset({"num_workers", "threads", "eval_batch_size", "cache_dir", "data_dir",
-                          "description"})
+                          "description", "channels_last", "compile"})
 _TYPES = typing.get_type_hints(TrainConfig)
 KEYS = tuple(f.name for f in fields(TrainConfig))
 
