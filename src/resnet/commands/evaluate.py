@@ -44,7 +44,13 @@ def run(args: argparse.Namespace) -> int:
         res.pop("per_class", None)
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    rank = 0
+    if dist.is_available() and dist.is_initialized():
+        # Every collective is done. Leave the group before exiting: a gloo group still alive at interpreter
+        # exit can abort the process ("terminate called without an active exception") after a good result.
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+    if rank != 0:
         return 0
     if args.confusion:
         save_confusion_png(confusion, meta["classes"], args.confusion)
