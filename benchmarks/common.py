@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 
 from resnet.machine import machine_info
@@ -63,7 +62,6 @@ int main(int argc, char **argv) {
 """
 
 
-@lru_cache(maxsize=1)
 def measured_fma_gflops(cores: int, repeats: int = 3) -> float | None:
     """The best of `repeats` runs of the FMA loop on `cores` threads, in GFLOP/s; None without a compiler
     or on a CPU without AVX2/FMA."""

@@ -155,7 +155,7 @@ def test_layout_may_change_between_a_run_and_its_resumption_but_the_math_may_not
     assert again == first
     # ...and its checkpoint loads under it (the summary gone, the run resumes from its last step).
     (out / "summary.json").unlink()
-    resumed = train(load_recipe("cifar10-resnet20", tiny_overrides(max_iters=4, eval_every=4, compile=False)), out)
+    resumed = train(load_recipe("cifar10-resnet20", tiny_overrides(max_iters=4, eval_every=4)), out)
     assert resumed["iterations"] == 4 and resumed["val_top1_err"] == pytest.approx(first["val_top1_err"], abs=0.02)
     with pytest.raises(UserError, match="different settings.*lr"):
         train(load_recipe("cifar10-resnet20", tiny_overrides(max_iters=4, eval_every=4, lr=0.07)), out)

@@ -89,7 +89,6 @@ def save_model_artifacts(out_dir: str | os.PathLike, model: torch.nn.Module, met
     if missing:
         raise ValueError(f"model metadata lacks {', '.join(missing)}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in clean_state_dict(unwrap(model).state_dict()).items()}
     weights = out_dir / "model.safetensors"
     atomic_write_bytes(weights, save_safetensors(state, metadata={"format": FORMAT, "arch": str(meta["arch"])}))

@@ -292,10 +292,12 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
                             f"--arch resnet50 --option variant=v1.5 for torchvision weights).")
         opts = resolve_options(arch, **_infer_options(arch, state, user_opts))
         meta = default_meta(arch, opts)
-    # The digest describes a safetensors file's weights; a checkpoint beside a model.json holds other weights.
-    expected = meta.pop(DIGEST_KEY, None) if weights.suffix != ".safetensors" else meta.get(DIGEST_KEY)
-    if expected and weights.suffix == ".safetensors" and state_digest(state) != expected:
-        raise _corrupt(weights, "its weights do not match the recorded checksum")
+    if weights.suffix == ".safetensors":
+        expected = meta.get(DIGEST_KEY)
+        if expected and state_digest(state) != expected:
+            raise _corrupt(weights, "its weights do not match the recorded checksum")
+    else:  # the digest describes model.safetensors; a checkpoint beside that model.json holds other weights
+        meta.pop(DIGEST_KEY, None)
     classes = meta.get("classes") or []
     if len(classes) != opts["num_classes"]:
         raise UserError(f"'{weights}' lists {len(classes)} class names but the model has "

@@ -44,12 +44,12 @@ def run(args: argparse.Namespace) -> int:
         res.pop("per_class", None)
     import torch.distributed as dist
 
-    rank = 0
-    if dist.is_available() and dist.is_initialized():
-        # Every collective is done. Leave the group before exiting: a gloo group still alive at interpreter
-        # exit can abort the process ("terminate called without an active exception") after a good result.
-        rank = dist.get_rank()
-        dist.destroy_process_group()
+    from ..train.distributed import teardown
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    # Every collective is done. Leave the group before exiting: a gloo group still alive at interpreter exit
+    # can abort the process ("terminate called without an active exception") after a good result.
+    teardown()
     if rank != 0:
         return 0
     if args.confusion:
