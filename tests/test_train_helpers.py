@@ -142,3 +142,22 @@ def test_plan_scales_lr_and_iterations_linearly_with_batch():
     assert p.max_iters == 16000 and p.milestones == [8000, 12000]
     with pytest.raises(UserError, match="split evenly"):
         make_plan(cfg, world_size=3)
+
+
+def test_ema_averages_weights_and_bn_statistics_and_copies_the_step_count():
+    from resnet.train.loop import EMA
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3))
+    ema = EMA(net, decay=0.9)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    net.train()(torch.randn(4, 2, 5, 5) * 3 + 2)  # moves running_mean/var, counts one BN step
+    ema.update(net, step=1000)  # past the ramp: decay 0.9
+    got, new = ema.model.state_dict(), net.state_dict()
+    for key in ("0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"):
+        torch.testing.assert_close(got[key], 0.9 * start[key] + 0.1 * new[key], msg=key)
+        assert not torch.equal(got[key], new[key]), key
+    assert int(got["1.num_batches_tracked"]) == int(new["1.num_batches_tracked"]) == 1
