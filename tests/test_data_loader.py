@@ -192,6 +192,27 @@ def test_stream_eval_views(tmp_path):
     assert {min(g[0].shape[-2:]) for g in multi.groups} == {8, 12}
     with pytest.raises(UserError, match="held in memory"):
         make_loader(split, 4, train=True, augment="cifar", mean=ds.mean, std=ds.std)
+    with pytest.raises(UserError, match="the flip view needs images of one size"):
+        make_loader(split, 4, eval_view="flip", **kw)
+
+
+def test_flip_view_is_the_same_from_memory_and_from_files(tmp_path):
+    root = tmp_path / "d"
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        (root / "test" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)).save(root / "test" / f"c{i % 2}" / f"{i}.png")
+    batches = {}
+    for kind in ("memory", "stream"):
+        ds = load_dataset(root, cache_dir=tmp_path / kind, kind=kind, workers=1)
+        loader = make_loader(ds.splits["test"], 4, train=False, augment="none", mean=ds.mean, std=ds.std,
+                             eval_view="flip", num_workers=0)
+        batches[kind] = [x for x, _ in loader.iter_epoch(0)]
+    for mem, stream in zip(batches["memory"], batches["stream"], strict=True):
+        (views, owner), = mem.groups
+        assert views.shape[0] == 2 * mem.n and torch.equal(views[1::2], views[0::2].flip(-1))
+        assert owner.tolist() == [i // 2 for i in range(2 * mem.n)]
+        assert torch.allclose(stream.groups[0][0], views) and torch.equal(stream.groups[0][1], owner)
 
 
 def test_stream_file_broken_mid_run_is_skipped_or_strict(tmp_path):

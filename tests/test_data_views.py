@@ -44,3 +44,14 @@ def test_view_logits_average_over_views():
         2,
     )
     assert view_logits(model, vb).flatten().tolist() == [2.0, 1.0]
+
+
+def test_flip_view_averages_the_image_and_its_mirror():
+    model = lambda v: v[..., :, :1].mean(dim=(2, 3))  # noqa: E731 - left column only: mirror-sensitive
+    x = torch.rand(3, 2, 5, 5)
+    flip = make_views(x, "flip")
+    assert isinstance(flip, ViewBatch) and flip.n == 3 and flip.groups[0][0].shape == (6, 2, 5, 5)
+    expect = (model(x) + model(x.flip(-1))) / 2
+    assert torch.allclose(view_logits(model, flip), expect, atol=1e-6)
+    assert not torch.allclose(expect, model(x))
+    assert torch.equal(make_views(x, "full+flip").groups[0][0], flip.groups[0][0])

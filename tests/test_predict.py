@@ -102,6 +102,10 @@ def test_prepare_uses_the_models_view_and_normalisation():
     assert prepare(big, meta).shape == (3, 16, 16)
     assert prepare(big, {**meta, "eval_view": "center"}).shape == (3, 16, 16)
     assert prepare(big, {**meta, "eval_view": "10crop"}).shape == (10, 3, 16, 16)
+    ramp = torch.arange(16, dtype=torch.uint8).repeat(3, 16, 1)  # differs from its mirror image
+    both = prepare(ramp, {**meta, "eval_view": "flip"})
+    assert both.shape == (2, 3, 16, 16) and torch.equal(both[1], both[0].flip(-1))
+    assert torch.equal(both[0], prepare(ramp, meta))
 
 
 def test_no_images_is_a_user_error(tmp_path):

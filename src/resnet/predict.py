@@ -46,10 +46,10 @@ def prepare(img: torch.Tensor, meta: dict) -> torch.Tensor:
     _, h, w = (int(v) for v in meta["input_size"])
     x = img.float().unsqueeze(0)
     view = canonical_view(meta.get("eval_view") or "center")
-    if view == "full":
+    if view in ("full", "flip"):
         if tuple(x.shape[-2:]) != (h, w):
             x = center_view(x, resize=min(h, w), crop=min(h, w))
-        views = x
+        views = torch.cat([x, x.flip(-1)]) if view == "flip" else x
     else:
         cfg = view_config(meta)
         v = make_views(x, view, cfg)

@@ -230,7 +230,7 @@ class _FileSet(torch.utils.data.Dataset):
             if rng.random() < 0.5:
                 arr = arr[:, :, ::-1]
             return torch.from_numpy(np.ascontiguousarray(arr))
-        if self.mode == "full":
+        if self.mode in ("full", "flip"):
             return torch.from_numpy(self._decode(i, None))
         if self.mode == "center":
             arr = _resize_shorter_np(self._decode(i, cfg.resize), cfg.resize)
@@ -310,9 +310,9 @@ class StreamLoader(_Loader):
             )
         else:
             self.mode = self.eval_view or "center"
-        if self.mode == "full" and split.image_size is None:
+        if self.mode in ("full", "flip") and split.image_size is None:
             raise UserError(
-                "the full-image view needs images of one size; this folder's sizes differ, use the "
+                f"the {self.mode} view needs images of one size; this folder's sizes differ, use the "
                 "center, 10crop or multiscale view."
             )
         self.strict = strict
@@ -374,7 +374,11 @@ class StreamLoader(_Loader):
             return ViewBatch(groups, len(x)), y
         if isinstance(x, list):  # pragma: no cover - guarded in __init__
             raise UserError("images of different sizes cannot share a batch in the full view.")
-        return self._finish(normalize(x.to(dev, non_blocking=True), self.mean, self.std)), y
+        xf = normalize(x.to(dev, non_blocking=True), self.mean, self.std)
+        if self.mode == "flip":
+            views = make_views(xf, "flip")
+            return ViewBatch([(self._finish(v), o) for v, o in views.groups], views.n), y
+        return self._finish(xf), y
 
 
 def make_loader(

@@ -1,6 +1,8 @@
 """Evaluation views: each maps images to a batch of views whose logits are averaged.
 
 - "full": the image as it is (the paper's CIFAR testing: the single original 32x32 view);
+- "flip": the image and its mirror image, logits averaged (the flip test-time augmentation that the
+  cifar10-fast recipe evaluates with, as airbench (Jordan 2024) does; not the paper's protocol);
 - "center": shorter side resized to 256, the centre 224x224 crop (the usual single-crop ImageNet figure);
 - "10crop": the four corner crops and the centre crop of the 256-resized image, and their mirror images
   (Sec. 3.4, "standard 10-crop testing", from Krizhevsky et al. 2012);
@@ -21,8 +23,10 @@ import torch.nn.functional as F
 
 from .augment import AugmentConfig
 
-VIEWS = ("full", "center", "10crop", "multiscale")
+VIEWS = ("full", "flip", "center", "10crop", "multiscale")
 ALIASES = {
+    "full+flip": "flip",
+    "hflip": "flip",
     "cifar": "full",
     "original": "full",
     "centre": "center",
@@ -127,6 +131,8 @@ def make_views(x: torch.Tensor, view: str, cfg: AugmentConfig | None = None) -> 
     view = canonical_view(view)
     if view == "full":
         return x
+    if view == "flip":
+        return stacked_views(torch.stack([x, x.flip(-1)], dim=1))
     if view == "center":
         return center_view(x, cfg.resize, cfg.crop)
     if view == "10crop":
