@@ -132,3 +132,34 @@ def test_eval_under_torchrun_counts_every_sample_once(tmp_path):
     assert proc.stdout.count('"n":') == 1, proc.stdout  # rank 0 alone prints
     res = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert res["world_size"] == 2 and res["n"] == 10 and res["top1_err"] == pytest.approx(0.5)
+
+
+def test_eval_scores_the_val_split_a_run_carved_and_the_runs_own_view(tmp_path, capsys):
+    """A run on digits (train/test only) carves 96 validation images; `resnet eval RUN --split val` finds
+    the same images, uses the run's flip view, and reproduces the run's own validation errors for the
+    averaged and (--trained-weights) the trained weights."""
+    from resnet.train import train
+    from resnet.train.config import load_recipe
+    from test_train_helpers import tiny_overrides
+
+    run = tmp_path / "run"
+    summary = train(load_recipe("cifar10-resnet20", tiny_overrides(ema_decay=0.9, tta_flip=True)), run)
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["eval_view"] == "flip" and meta["val_split"] == {"val_size": 96, "seed": 0}
+    cache = str(tmp_path / "cache")
+    res = evaluate(*load_model(run), "digits", split="val", cache_dir=cache, backend="torch")
+    assert res["n"] == 96 and res["view"] == "flip" and res["val_carved"] == {"val_size": 96, "seed": 0}
+    # The loop scored in train precision without folding BN: allow one of 96 images to tip over.
+    assert abs(res["top1_err"] - summary["val_top1_err"]) <= 1 / 96 + 1e-9
+    trained = evaluate(*load_model(run, trained=True), "digits", split="val", cache_dir=cache, backend="torch")
+    assert abs(trained["top1_err"] - summary["val_top1_err_trained"]) <= 1 / 96 + 1e-9
+    # A run from before model.json recorded the carve: its config.yaml beside it says the same.
+    del meta["val_split"]
+    (run / "model.json").write_text(json.dumps(meta))
+    assert load_model(run)[1]["val_split"] == {"val_size": 96, "seed": 0}
+    # The command line says what it carved; --val-size carves another split size on request.
+    assert main(["eval", str(run), "--data", "digits", "--split", "val", "--val-size", "50", "--cache-dir",
+                 cache, "--backend", "torch"]) == 0
+    assert "[val: 50 of train, seed 0], view flip: n=50 " in capsys.readouterr().out
+    with pytest.raises(UserError, match="--trained-weights needs a training run's checkpoint.pt"):
+        load_model(run / "model.safetensors", trained=True)

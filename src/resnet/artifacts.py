@@ -3,7 +3,8 @@
 `model.json` holds what is needed to rebuild and use the model without the run that made it:
 {"format": "resnet-model/1", "arch": name, "options": {create_model options}, "classes": [names in
 index order], "mean": [per channel, 0-1 pixel units], "std": [...], "input_size": [C, H, W],
-"eval_view": "full" | "center" | "10crop" | "multiscale", "recipe": name or null, "metrics": {...}}.
+"eval_view": "full" | "flip" | "center" | "10crop" | "multiscale", "recipe": name or null, "metrics": {...},
+"val_split": {"val_size", "seed"} when the run carved its validation images out of train}.
 Weights never pass through pickle: safetensors only.
 """
 

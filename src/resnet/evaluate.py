@@ -115,11 +115,16 @@ def view_config(meta: dict):
 def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None = None,
              view: str | None = None, batch_size: int = 128, data_dir: str | None = None,
              cache_dir: str | None = None, per_class: bool = False, backend: str = "auto",
-             device: str = "cpu", predictor=None) -> dict:
+             device: str = "cpu", predictor=None, val_size: float | None = None,
+             data_seed: int | None = None) -> dict:
     """Score `model` (as loaded by `resnet.loading.load_model`) on `split` of `data`.
 
     Normalisation is the model's own (meta mean/std), not the data's; `view` defaults to the model's
     eval_view. Returns {"n", "top1_err", "top5_err", "split", "view", ...} on every rank.
+
+    split="val" on data without a val split scores the images a training run carved out of train:
+    `val_size`/`data_seed` when given, else the model's recorded meta["val_split"] (the same seeded carve,
+    so the same images); the result then says what it carved in "val_carved".
     """
     from .data import load_dataset, make_loader
     from .data.views import canonical_view
@@ -132,12 +137,24 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
         raise UserError(f"{err}.") from None
     in_chans = int(meta["options"]["in_chans"])
     ds = load_dataset(data, data_dir=data_dir, cache_dir=cache_dir, in_chans=in_chans)
+    carved = None
+    if split == "val" and "val" not in ds.splits and "train" in ds.splits:
+        recorded = meta.get("val_split") or {}
+        size = val_size if val_size is not None else recorded.get("val_size")
+        if size:
+            size = int(size) if float(size).is_integer() else float(size)
+            seed = int(data_seed if data_seed is not None else recorded.get("seed", 0))
+            ds = load_dataset(data, data_dir=data_dir, cache_dir=cache_dir, in_chans=in_chans, val_size=size,
+                              seed=seed)
+            carved = {"val_size": size, "seed": seed}
     if split is None:
         split = next((s for s in ("test", "val") if s in ds.splits), None)
         if split is None:
             raise UserError(f"'{data}' has no test or val split (it has {', '.join(ds.splits)}); pass --split.")
     if split not in ds.splits:
-        raise UserError(f"'{data}' has no '{split}' split; choose one of {', '.join(ds.splits)}.")
+        hint = (" (or pass --val-size N to score a val split carved out of train, as training does)"
+                if split == "val" and "train" in ds.splits else "")
+        raise UserError(f"'{data}' has no '{split}' split; choose one of {', '.join(ds.splits)}{hint}.")
     classes = list(meta["classes"])
     mapping = class_mapping(classes, list(ds.classes))
     rank, world = _dist_info()
@@ -149,6 +166,8 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
     scorer = score(predictor, loader.iter_epoch(0), mapping, len(classes))
     wall = time.perf_counter() - start
     out = scorer.result(classes, list(ds.classes), per_class=per_class)
+    if carved:
+        out["val_carved"] = carved
     out.update({"model": meta.get("source"), "data": str(data), "split": split, "view": view,
                 "world_size": world, "skipped": len(getattr(ds, "skipped", []) or []),
                 "images_per_s": round(out["n"] / wall, 1) if wall > 0 else None})

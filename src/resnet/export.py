@@ -24,7 +24,8 @@ from .inference import fold_bn, pad_shortcuts_as_conv
 FORMATS = ("onnx", "torchscript", "safetensors")
 ONNX_OPSET = 17
 META_FILE = "resnet.json"  # TorchScript _extra_files name
-_META_KEYS = ("arch", "options", "classes", "mean", "std", "input_size", "eval_view", "recipe", "metrics")
+_META_KEYS = ("arch", "options", "classes", "mean", "std", "input_size", "eval_view", "recipe", "metrics",
+              "val_split")
 
 
 def export_meta(meta: dict, *, bn_folded: bool, fmt: str) -> dict:

@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from .artifacts import clean_state_dict, state_digest
@@ -113,12 +114,16 @@ def _is_state_dict(obj: object) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _unnest(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The weights inside a loaded pickle, plus what the file says about them (checkpoint config)."""
+def _unnest(obj: object, path: Path, trained: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """The weights inside a loaded pickle, plus what the file says about them (checkpoint config).
+    A training checkpoint gives its averaged (EMA) weights when it has them, as the run saves them;
+    `trained` asks for the trained weights ("model") instead."""
     if _is_state_dict(obj):
         return obj, {}
     if isinstance(obj, dict):
         info = {"config": obj["config"]} if isinstance(obj.get("config"), dict) else {}
+        if trained and _is_state_dict(obj.get("model")):
+            return obj["model"], info
         for key in _NESTED:
             if _is_state_dict(obj.get(key)):
                 return obj[key], info
@@ -236,6 +241,15 @@ def _locate(path: Path) -> tuple[Path, Path | None]:
     return path, sidecar if sidecar.is_file() else None
 
 
+def _run_config(folder: Path) -> dict:
+    """The training run's resolved config.yaml in `folder`, or {} when there is none readable."""
+    try:
+        doc = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def _read_json(path: Path) -> dict:
     try:
         doc = json.loads(path.read_text())
@@ -247,7 +261,7 @@ def _read_json(path: Path) -> dict:
 
 
 def load_model(path: str | Path, *, arch: str | None = None, options: dict | None = None,
-               map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+               map_location: str | torch.device = "cpu", trained: bool = False) -> tuple[nn.Module, dict]:
     """(model in eval mode, metadata as in model.json) from a run dir, safetensors, checkpoint or state dict.
 
     `arch` and `options` are needed only for files that do not describe themselves (torchvision/timm state
@@ -257,7 +271,13 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
     path = Path(path)
     user_opts = dict(options or {})
     weights, sidecar = _locate(path)
+    if trained and path.is_dir() and (path / "checkpoint.pt").is_file():
+        weights = path / "checkpoint.pt"  # the run's model.safetensors holds the average
+    if trained and weights.suffix == ".safetensors":
+        raise UserError(f"'{weights}' holds one set of weights; --trained-weights needs a training run's "
+                        f"checkpoint.pt (or its run directory).")
     meta: dict | None = None
+    cfg: dict = {}
     if weights.suffix == ".safetensors":
         state, header = read_safetensors(weights)
         if META_KEY in header:
@@ -268,7 +288,7 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
         elif sidecar is not None:
             meta = _read_json(sidecar)
     else:
-        state, info = _unnest(read_pickle(weights), weights)
+        state, info = _unnest(read_pickle(weights), weights, trained)
         cfg = info.get("config") or {}
         if sidecar is not None:
             meta = _read_json(sidecar)
@@ -305,6 +325,10 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
     model = _build(arch, opts, state, weights, folded=bool(meta.get("bn_folded")))
     meta["source"] = str(weights)
     meta.setdefault("bn_folded", False)
+    if "val_split" not in meta:  # runs older than the val_split record: their config says it
+        run_cfg = cfg or (_run_config(weights.parent) if sidecar is not None else {})
+        if run_cfg.get("val_size"):
+            meta["val_split"] = {"val_size": run_cfg["val_size"], "seed": int(run_cfg.get("data_seed") or 0)}
     return model.to(map_location), meta
 
 
@@ -331,7 +355,11 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="model option for such a state dict, e.g. variant=v1.5 for torchvision "
                              "bottleneck weights (repeatable)")
+    parser.add_argument("--trained-weights", action="store_true", dest="trained_weights",
+                        help="from a checkpoint.pt whose run averaged its weights (ema_decay > 0), load the "
+                             "trained weights instead of the average")
 
 
 def load_from_args(args, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    return load_model(args.model, arch=args.arch, options=parse_options(args.option), map_location=map_location)
+    return load_model(args.model, arch=args.arch, options=parse_options(args.option), map_location=map_location,
+                      trained=getattr(args, "trained_weights", False))

@@ -8,15 +8,22 @@ HELP = "top-1/top-5 error of a trained model on a data split"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..data.views import VIEWS
     from ..loading import add_model_arguments
 
     add_model_arguments(parser)
     parser.add_argument("--data", required=True,
                         help="cifar10, cifar100, digits, or an ImageFolder directory ROOT/<split>/<class>/<image>")
     parser.add_argument("--split", default=None, help="split to score (default: test, else val)")
-    parser.add_argument("--views", default=None, choices=("full", "center", "10crop", "multiscale"),
+    parser.add_argument("--views", default=None, choices=VIEWS,
                         help="evaluation view (default: the model's own; 10crop = Tables 2-3, "
-                             "multiscale = Table 4, full = CIFAR's single original view)")
+                             "multiscale = Table 4, full = CIFAR's single original view, flip = the "
+                             "image and its mirror)")
+    parser.add_argument("--val-size", type=float, default=None, dest="val_size",
+                        help="carve the val split out of train like this (a count, or a fraction < 1); "
+                             "default: the split the model's training run carved, when it carved one")
+    parser.add_argument("--data-seed", type=int, default=None, dest="data_seed",
+                        help="seed of that carve (default: the training run's)")
     parser.add_argument("--batch-size", type=int, default=128, dest="batch_size", help="images per batch")
     parser.add_argument("--data-dir", dest="data_dir", help="where cifar10/cifar100 live")
     parser.add_argument("--cache-dir", dest="cache_dir", help="decode cache folder")
@@ -38,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     res = evaluate(model, meta, args.data, split=args.split, view=args.views, batch_size=args.batch_size,
                    data_dir=args.data_dir, cache_dir=args.cache_dir,
                    per_class=args.per_class or bool(args.confusion), backend=args.backend,
-                   device=resolve_device(args.device))
+                   device=resolve_device(args.device), val_size=args.val_size, data_seed=args.data_seed)
     confusion = res.pop("_confusion")
     if not args.per_class:
         res.pop("per_class", None)
@@ -58,7 +65,10 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "json":
         print_json(res)
         return 0
-    print(f"{res['model']} on {res['data']} [{res['split']}], view {res['view']}: n={res['n']}  "
+    carved = res.get("val_carved")
+    split = (f"{res['split']}: {carved['val_size']:g} of train, seed {carved['seed']}" if carved
+             else res["split"])
+    print(f"{res['model']} on {res['data']} [{split}], view {res['view']}: n={res['n']}  "
           f"top-1 error {100 * res['top1_err']:.2f}%  top-{res['top5_k']} error {100 * res['top5_err']:.2f}%")
     if res.get("skipped"):
         print(f"({res['skipped']} unreadable images skipped)")

@@ -434,8 +434,12 @@ class Trainer:
         meta = {"arch": self.cfg.arch, "options": self.model_options, "classes": list(self.ds.classes),
                 "mean": list(self.ds.mean), "std": list(self.ds.std),
                 "input_size": [self.cfg.in_chans, *(size or (224, 224))],
-                "eval_view": self.cfg.eval_view or ("full" if size else "center"), "recipe": self.cfg.recipe,
-                "metrics": {k: v for k, v in summary.items() if k.endswith("_err")}}
+                "eval_view": self.cfg.eval_view or (("flip" if self.cfg.tta_flip else "full") if size
+                                                    else "center"),
+                "recipe": self.cfg.recipe,
+                "metrics": {k: v for k, v in summary.items() if k.endswith(("_err", "_err_trained"))}}
+        if self.cfg.val_size:  # used by `resnet eval --split val` only on data without its own val split
+            meta["val_split"] = {"val_size": self.cfg.val_size, "seed": self.cfg.data_seed}
         artifacts.save_model_artifacts(self.out, model, meta)
 
     def _write_curves(self) -> None:
