@@ -114,6 +114,7 @@ def test_run_directory_holds_every_output(tmp_path):
     # With EMA on, each validation line also scores the trained weights, and the summary says both.
     assert all(0 <= m["trained_top1_err"] <= 1 for m in lines if m["split"] == "val")
     assert summary["val_top1_err_trained"] == [m for m in lines if m["split"] == "val"][-1]["trained_top1_err"]
+    assert summary["test_top1_err_trained"] == [m for m in lines if m["split"] == "test"][-1]["trained_top1_err"]
     assert all({"iter", "epoch", "split", "loss", "top1_err", "top5_err", "lr"} <= m.keys() for m in lines)
     meta = json.loads((tmp_path / "model.json").read_text())
     assert meta["arch"] == "resnet20" and meta["classes"] == [str(i) for i in range(10)]

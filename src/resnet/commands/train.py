@@ -59,9 +59,10 @@ def print_summary(summary: dict, out: Path, fmt: str) -> None:
         if err is not None:
             lines.append(f"  {split}: top-1 error {100 * err:.2f}% (accuracy {100 * (1 - err):.2f}%), "
                          f"top-5 error {100 * summary[f'{split}_top5_err']:.2f}%")
-            if split == "val" and summary.get("val_top1_err_trained") is not None:
+            trained = summary.get(f"{split}_top1_err_trained")
+            if trained is not None:
                 lines[-1] += (f" with the averaged (EMA) weights it saved; the trained weights: "
-                              f"{100 * summary['val_top1_err_trained']:.2f}%")
+                              f"{100 * trained:.2f}%")
     if summary.get("skipped"):
         lines.append(f"  {summary['skipped']} unreadable images were skipped (listed in the data report)")
     print("\n".join(lines))

@@ -417,6 +417,8 @@ class Trainer:
         if "test" in self.eval_loaders:
             m = self.log_eval("test")
             summary.update(test_top1_err=m["top1_err"], test_top5_err=m["top5_err"], test_n=m["n"])
+            if "trained_top1_err" in m:
+                summary["test_top1_err_trained"] = m["trained_top1_err"]
         summary.update(iterations=self.it, epochs=self.it / self.steps_per_epoch, wall_s=wall,
                        train_s=self.train_s, images_per_s=self.images / max(self.train_s, 1e-9),
                        skipped=len(getattr(self.ds, "skipped", []) or []), world_size=self.info.world_size,
