@@ -127,6 +127,7 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
     so the same images); the result then says what it carved in "val_carved".
     """
     from .data import load_dataset, make_loader
+    from .data.dataset import carve_val
     from .data.views import canonical_view
     from .inference import InferenceModel
 
@@ -144,8 +145,7 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
         if size:
             size = int(size) if float(size).is_integer() else float(size)
             seed = int(data_seed if data_seed is not None else recorded.get("seed", 0))
-            ds = load_dataset(data, data_dir=data_dir, cache_dir=cache_dir, in_chans=in_chans, val_size=size,
-                              seed=seed)
+            carve_val(ds.splits, size, seed)  # the carve load_dataset(val_size=, seed=) makes, without reloading
             carved = {"val_size": size, "seed": seed}
     if split is None:
         split = next((s for s in ("test", "val") if s in ds.splits), None)

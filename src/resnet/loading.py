@@ -220,13 +220,15 @@ def _build(arch: str, options: dict, state: dict[str, torch.Tensor], path: Path,
 
 
 # --- the one entry point -------------------------------------------------------------------------------
-def _locate(path: Path) -> tuple[Path, Path | None]:
-    """(weights file, model.json or None) for a run directory or a file."""
+def _locate(path: Path, checkpoint_first: bool = False) -> tuple[Path, Path | None]:
+    """(weights file, model.json or None) for a run directory or a file; in a run directory the model
+    (model.safetensors) comes before the checkpoint unless `checkpoint_first`."""
     if not path.exists():
         raise UserError(f"model '{path}' does not exist; pass a run directory (resnet train --out), a "
                         f"model.safetensors or a .pt/.pth file.")
     if path.is_dir():
-        for name in ("model.safetensors", "checkpoint.pt"):
+        names = ("model.safetensors", "checkpoint.pt")
+        for name in reversed(names) if checkpoint_first else names:
             if (path / name).is_file():
                 sidecar = path / "model.json"
                 return path / name, sidecar if sidecar.is_file() else None
@@ -270,9 +272,7 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
     """
     path = Path(path)
     user_opts = dict(options or {})
-    weights, sidecar = _locate(path)
-    if trained and path.is_dir() and (path / "checkpoint.pt").is_file():
-        weights = path / "checkpoint.pt"  # the run's model.safetensors holds the average
+    weights, sidecar = _locate(path, checkpoint_first=trained)  # a run's model.safetensors holds the average
     if trained and weights.suffix == ".safetensors":
         raise UserError(f"'{weights}' holds one set of weights; --trained-weights needs a training run's "
                         f"checkpoint.pt (or its run directory).")

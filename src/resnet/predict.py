@@ -49,13 +49,13 @@ def prepare(img: torch.Tensor, meta: dict) -> torch.Tensor:
     if view in ("full", "flip"):
         if tuple(x.shape[-2:]) != (h, w):
             x = center_view(x, resize=min(h, w), crop=min(h, w))
-        views = torch.cat([x, x.flip(-1)]) if view == "flip" else x
+        v = make_views(x, view)
     else:
         cfg = view_config(meta)
         v = make_views(x, view, cfg)
         if isinstance(v, ViewBatch) and view == "multiscale":  # sizes differ: keep predict at one scale
             v = make_views(x, "10crop", cfg)
-        views = v.groups[0][0] if isinstance(v, ViewBatch) else v
+    views = v.groups[0][0] if isinstance(v, ViewBatch) else v
     mean = torch.tensor(meta["mean"]).view(1, -1, 1, 1) * 255
     std = torch.tensor(meta["std"]).view(1, -1, 1, 1) * 255
     views = (views - mean) / std

@@ -214,8 +214,9 @@ def _report_skips(skipped: list[tuple[str, str]], strict: bool) -> None:
         )
 
 
-def _carve_val(splits: dict, val_size: int | float | None, seed: int) -> None:
-    """Move a seeded random `val_size` (count or fraction) of train into a new "val" split."""
+def carve_val(splits: dict, val_size: int | float | None, seed: int) -> None:
+    """Move a seeded random `val_size` (count or fraction) of train into a new "val" split (in place; the
+    same `splits`, size and seed always give the same images)."""
     if val_size is None or val_size == 0:
         return
     if "val" in splits:
@@ -400,7 +401,7 @@ def load_dataset(
                 f"were skipped); check the files."
             )
     per_split_skips = {k: v.skipped for k, v in splits.items()}
-    _carve_val(splits, val_size, seed)
+    carve_val(splits, val_size, seed)
     for k, sp in splits.items():
         sp.skipped = per_split_skips.get(k, [])
     stats_split = splits.get("train") or next(iter(splits.values()))
