@@ -5,11 +5,18 @@ Cases (the issue's): ResNet-50 at 224x224, batch 1 and 32; ResNet-20 at 32x32, b
 - ours: `resnet.inference.InferenceModel` with its default backend (what eval and predict use; on the
   CPU, ONNX Runtime with the thread setting it measured fastest during its first calls);
 - onnxruntime: the same exported ONNX model (BN folded) in a default `InferenceSession`.
-Methods are timed in interleaved rounds (eager, ours, ort, eager, ...) so that load from other processes
-hits all three alike; the figure is the median. Equal accuracy: on real CIFAR-10 JPEGs (upscaled for
-ResNet-50) every method's logits are compared with eager's (max abs difference) and top-1 must agree on
-every image. The models are freshly initialised with randomised BatchNorm statistics (no trained ImageNet
-weights here), which exercises folding as trained weights would.
+Methods are timed in interleaved rounds (eager, ours, ort, eager, ...) so that load from other processes hits
+all three alike; the figure is the median. Before each timed call the benchmark sleeps SETTLE_S: the runtime
+that ran just before keeps its worker threads spinning for a while after returning, and without the pause each
+method was timed against the previous one's spinning threads (measured on 2 cores, ResNet-20 batch 256: two
+identical ONNX Runtime sessions differed by 20% depending on which ran second, and eager lost 15%; with 0.2 s
+pauses both sessions ran alike). Each case runs in a fresh process of its own, so no case's figures depend on
+which ran before: eager PyTorch's speed follows the C allocator's state (glibc adapts its mmap and trim
+thresholds to the largest blocks freed so far), and after the ResNet-50 cases had run in the same process,
+eager ResNet-20 at batch 256 ran 1439 images/s, against 941-959 in a process of its own. Equal accuracy: on
+real CIFAR-10 JPEGs (upscaled for ResNet-50) every method's logits are compared with eager's (max abs
+difference) and top-1 must agree on every image. The models are freshly initialised with randomised BatchNorm
+statistics (no trained ImageNet weights here), which exercises folding as trained weights would.
 
 Fraction of peak: FLOPs = 2 x multiply-adds (resnet.complexity), over the nominal FP32 peak (cores x 32
 FLOP/cycle x reported clock) and over the FMA peak measured now (benchmarks/common.py). Prints one JSON
@@ -22,6 +29,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +47,8 @@ from resnet.inference import InferenceModel, default_threads, fold_bn
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10" / "train"
-CASES = [("resnet50", 224, 1, 12), ("resnet50", 224, 32, 3), ("resnet20", 32, 256, 7)]
+CASES = [("resnet50", 224, 1, 12), ("resnet50", 224, 32, 3), ("resnet20", 32, 256, 11)]
+SETTLE_S = 0.25  # idle time before each timed call, so no other runtime's threads are still spinning
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
 
@@ -105,6 +114,7 @@ def run_case(name: str, size: int, batch: int, rounds: int, env: dict) -> list[d
     times: dict[str, list[float]] = {k: [] for k in methods}
     for _ in range(rounds):
         for key, fn in methods.items():
+            time.sleep(SETTLE_S)
             t = time.perf_counter()
             fn(x)
             times[key].append(time.perf_counter() - t)
@@ -126,15 +136,22 @@ def run_case(name: str, size: int, batch: int, rounds: int, env: dict) -> list[d
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument("--case", type=int, help="run only this case (index into CASES) in this process")
     args = parser.parse_args()
+    if args.case is None:  # every case in a fresh process of its own, one after the other
+        for i in range(len(CASES)):
+            cmd = [sys.executable, __file__, "--case", str(i)] + (["--quick"] if args.quick else [])
+            if subprocess.run(cmd).returncode:
+                return 1
+        return 0
     torch.set_num_threads(default_threads())
     import onnxruntime
 
     env = {**machine(), "onnxruntime": onnxruntime.__version__}
     np.random.seed(0)
-    for name, size, batch, rounds in CASES:
-        for line in run_case(name, size, batch, max(2, rounds // 3) if args.quick else rounds, env):
-            print(json.dumps(line), flush=True)
+    name, size, batch, rounds = CASES[args.case]
+    for line in run_case(name, size, batch, max(2, rounds // 3) if args.quick else rounds, env):
+        print(json.dumps(line), flush=True)
     return 0
 
 
