@@ -112,7 +112,7 @@ class _TunedSession:
     sleeping (not spinning) workers can be twice as fast as all cores spinning, and on a quiet one all
     cores win, so the choice is measured where the model runs, not fixed."""
 
-    TRIALS = 3  # timed calls per candidate, after one untimed warm-up call each
+    TRIALS = 3  # timed calls per candidate, after one untimed warm-up call each, candidate after candidate
 
     def __init__(self, net: nn.Module, meta: dict, threads: int | None):
         from .export import export_meta, onnx_bytes, onnx_session
@@ -132,7 +132,9 @@ class _TunedSession:
 
         if self.chosen is not None:
             return self.candidates[0][1].run(None, {"input": x})[0]
-        i = min(range(len(self.candidates)), key=lambda j: len(self.times[j]))
+        # One candidate at a time, its first call untimed: a session just switched away from keeps its
+        # worker threads spinning for a while, and a call timed against them would run up to 20% slow.
+        i = next(j for j, t in enumerate(self.times) if len(t) <= self.TRIALS)
         start = time.perf_counter()
         out = self.candidates[i][1].run(None, {"input": x})[0]
         self.times[i].append((time.perf_counter() - start) / max(1, x.shape[0]))
