@@ -92,6 +92,12 @@ def test_onnxruntime_backend_settles_on_one_thread_setting_and_keeps_outputs():
     x = inputs((2, 3, 16, 16))
     with torch.no_grad():
         ref = model(x)
-    for _ in range(16):  # every candidate: one warm-up and TRIALS timed calls
+    tuner = predictor._ort
+    n = len(tuner.candidates)
+    for call in range(16):  # every candidate: one warm-up and TRIALS timed calls
         assert (predictor(x) - ref).abs().max() < 1e-4
-    assert predictor._ort.chosen is not None and len(predictor._ort.candidates) == 1
+        if call < n * (tuner.TRIALS + 1) - 1:  # one candidate after another, never interleaved
+            block = (call + 1) // (tuner.TRIALS + 1)
+            assert [len(t) for t in tuner.times] == [tuner.TRIALS + 1] * block + [
+                (call + 1) % (tuner.TRIALS + 1)] + [0] * (n - block - 1)
+    assert tuner.chosen is not None and len(tuner.candidates) == 1
