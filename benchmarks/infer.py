@@ -9,7 +9,7 @@ Methods are timed in interleaved rounds (eager, ours, ort, eager, ...) so that l
 all three alike; the figure is the median. Before each timed call the benchmark sleeps SETTLE_S: the runtime
 that ran just before keeps its worker threads spinning for a while after returning, and without the pause each
 method was timed against the previous one's spinning threads (measured on 2 cores, ResNet-20 batch 256: two
-identical ONNX Runtime sessions differed by 20% depending on which ran second, and eager lost 15%; with 0.2 s
+ONNX Runtime sessions with equal settings differed by 20% depending on which ran second, and eager lost 15%; with 0.2 s
 pauses both sessions ran alike). Each case runs in a fresh process of its own, so no case's figures depend on
 which ran before: eager PyTorch's speed follows the C allocator's state (glibc adapts its mmap and trim
 thresholds to the largest blocks freed so far), and after the ResNet-50 cases had run in the same process,
