@@ -115,6 +115,10 @@ def test_eval_cli_json_per_class_and_confusion_png(tmp_path, capsys):
     assert res["n"] == 10 and res["top1_err"] == pytest.approx(0.7) and {"top1_err", "top5_err", "n"} <= set(res)
     assert [r["class"] for r in res["per_class"]] == ["banana", "cherry", "apple"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # This model's model.json records no training data, so --data is required, in one sentence.
+    assert main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "does not record the data it was trained on; pass --data" in err and err.count("\n") == 1
 
 
 def test_eval_under_torchrun_counts_every_sample_once(tmp_path):
@@ -146,6 +150,7 @@ def test_eval_scores_the_val_split_a_run_carved_and_the_runs_own_view(tmp_path, 
     summary = train(load_recipe("cifar10-resnet20", tiny_overrides(ema_decay=0.9, tta_flip=True)), run)
     meta = json.loads((run / "model.json").read_text())
     assert meta["eval_view"] == "flip" and meta["val_split"] == {"val_size": 96, "seed": 0}
+    assert meta["data"] == "digits"  # what `resnet eval RUN` scores when given no --data
     cache = str(tmp_path / "cache")
     res = evaluate(*load_model(run), "digits", split="val", cache_dir=cache, backend="torch")
     assert res["n"] == 96 and res["view"] == "flip" and res["val_carved"] == {"val_size": 96, "seed": 0}
@@ -153,13 +158,15 @@ def test_eval_scores_the_val_split_a_run_carved_and_the_runs_own_view(tmp_path, 
     assert abs(res["top1_err"] - summary["val_top1_err"]) <= 1 / 96 + 1e-9
     trained = evaluate(*load_model(run, trained=True), "digits", split="val", cache_dir=cache, backend="torch")
     assert abs(trained["top1_err"] - summary["val_top1_err_trained"]) <= 1 / 96 + 1e-9
-    # A run from before model.json recorded the carve: its config.yaml beside it says the same.
-    del meta["val_split"]
+    # A run from before model.json recorded its data and carve: its config.yaml beside it says the same.
+    del meta["val_split"], meta["data"]
     (run / "model.json").write_text(json.dumps(meta))
     assert load_model(run)[1]["val_split"] == {"val_size": 96, "seed": 0}
-    # The command line says what it carved; --val-size carves another split size on request.
-    assert main(["eval", str(run), "--data", "digits", "--split", "val", "--val-size", "50", "--cache-dir",
-                 cache, "--backend", "torch"]) == 0
-    assert "[val: 50 of train, seed 0], view flip: n=50 " in capsys.readouterr().out
+    assert load_model(run)[1]["data"] == "digits"
+    # The command line says what it carved; --val-size carves another split size on request; without
+    # --data it scores the run's own data.
+    assert main(["eval", str(run), "--split", "val", "--val-size", "50", "--cache-dir", cache,
+                 "--backend", "torch"]) == 0
+    assert " on digits [val: 50 of train, seed 0], view flip: n=50 " in capsys.readouterr().out
     with pytest.raises(UserError, match="--trained-weights needs a training run's checkpoint.pt"):
         load_model(run / "model.safetensors", trained=True)

@@ -4,6 +4,7 @@
 {"format": "resnet-model/1", "arch": name, "options": {create_model options}, "classes": [names in
 index order], "mean": [per channel, 0-1 pixel units], "std": [...], "input_size": [C, H, W],
 "eval_view": "full" | "flip" | "center" | "10crop" | "multiscale", "recipe": name or null, "metrics": {...},
+"data": the source the run trained on (a name, or a folder's absolute path; `resnet eval`'s default),
 "val_split": {"val_size", "seed"} when the run carved its validation images out of train}.
 Weights never pass through pickle: safetensors only.
 """

@@ -1,4 +1,4 @@
-"""`resnet eval MODEL --data ... [--split test] [--views ...] [--format json]`: top-1/top-5 error."""
+"""`resnet eval MODEL [--data ...] [--split test] [--views ...] [--format json]`: top-1/top-5 error."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..loading import add_model_arguments
 
     add_model_arguments(parser)
-    parser.add_argument("--data", required=True,
-                        help="cifar10, cifar100, digits, or an ImageFolder directory ROOT/<split>/<class>/<image>")
+    parser.add_argument("--data", default=None,
+                        help="cifar10, cifar100, digits, or an ImageFolder directory ROOT/<split>/<class>/<image> "
+                             "(default: the data the model's training run used, as its model.json records)")
     parser.add_argument("--split", default=None, help="split to score (default: test, else val)")
     parser.add_argument("--views", default=None, choices=VIEWS,
                         help="evaluation view (default: the model's own; 10crop = Tables 2-3, "
@@ -36,13 +37,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import UserError
     from ..evaluate import evaluate, save_confusion_png
     from ..inference import resolve_device
     from ..loading import load_from_args
     from ._common import print_json, print_table
 
     model, meta = load_from_args(args)
-    res = evaluate(model, meta, args.data, split=args.split, view=args.views, batch_size=args.batch_size,
+    data = args.data or meta.get("data")
+    if not data:
+        raise UserError(f"'{meta.get('source', args.model)}' does not record the data it was trained on; pass "
+                        "--data (cifar10, cifar100, digits or an ImageFolder directory).")
+    res = evaluate(model, meta, data, split=args.split, view=args.views, batch_size=args.batch_size,
                    data_dir=args.data_dir, cache_dir=args.cache_dir,
                    per_class=args.per_class or bool(args.confusion), backend=args.backend,
                    device=resolve_device(args.device), val_size=args.val_size, data_seed=args.data_seed)

@@ -440,6 +440,12 @@ class Trainer:
                                                     else "center"),
                 "recipe": self.cfg.recipe,
                 "metrics": {k: v for k, v in summary.items() if k.endswith(("_err", "_err_trained"))}}
+        # What `resnet eval RUN` scores when given no --data: a folder by its absolute path (the run may be
+        # evaluated from another working directory), a named source by its name.
+        from ..data.dataset import NAMED_SOURCES
+
+        data = self.cfg.data
+        meta["data"] = data if data in NAMED_SOURCES else str(Path(data).expanduser().resolve())
         if self.cfg.val_size:  # used by `resnet eval --split val` only on data without its own val split
             meta["val_split"] = {"val_size": self.cfg.val_size, "seed": self.cfg.data_seed}
         artifacts.save_model_artifacts(self.out, model, meta)
