@@ -325,11 +325,11 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
     model = _build(arch, opts, state, weights, folded=bool(meta.get("bn_folded")))
     meta["source"] = str(weights)
     meta.setdefault("bn_folded", False)
-    run_cfg = cfg or (_run_config(weights.parent) if sidecar is not None else {})
-    if "data" not in meta and run_cfg.get("data"):  # runs older than model.json's data record
-        meta["data"] = str(run_cfg["data"])
-    if "val_split" not in meta:  # runs older than the val_split record: their config says it
-        if run_cfg.get("val_size"):
+    if "data" not in meta or "val_split" not in meta:  # runs older than these records: their config says them
+        run_cfg = cfg or (_run_config(weights.parent) if sidecar is not None else {})
+        if "data" not in meta and run_cfg.get("data"):
+            meta["data"] = str(run_cfg["data"])
+        if "val_split" not in meta and run_cfg.get("val_size"):
             meta["val_split"] = {"val_size": run_cfg["val_size"], "seed": int(run_cfg.get("data_seed") or 0)}
     return model.to(map_location), meta
 
