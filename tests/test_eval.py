@@ -170,3 +170,41 @@ def test_eval_scores_the_val_split_a_run_carved_and_the_runs_own_view(tmp_path, 
     assert " on digits [val: 50 of train, seed 0], view flip: n=50 " in capsys.readouterr().out
     with pytest.raises(UserError, match="--trained-weights needs a training run's checkpoint.pt"):
         load_model(run / "model.safetensors", trained=True)
+
+
+def test_eval_without_data_reads_a_named_source_from_the_runs_data_dir(tmp_path, monkeypatch, capsys):
+    """A run on cifar10 read from --data-dir records that folder; `resnet eval RUN` scores the same files
+    from there with no flags, where the default data folder has no copy (and no network)."""
+    import resnet.data.sources as src
+    from resnet.train import train
+    from resnet.train.config import load_recipe
+    from test_data_sources import make_archive
+    from test_train_helpers import tiny_overrides
+
+    archive, truth = make_archive("cifar10", n=4)  # 20 training and 4 test images, 32x32
+    data_dir = tmp_path / "datasets"
+    data_dir.mkdir()
+    (data_dir / "cifar-10-binary.tar.gz").write_bytes(archive)
+    unreachable = src.CifarSpec(**{**src.CIFAR["cifar10"].__dict__, "url": "http://127.0.0.1:9/none"})
+    monkeypatch.setitem(src.CIFAR, "cifar10", unreachable)
+    monkeypatch.setenv("RESNET_DATA_DIR", str(tmp_path / "empty"))
+    run = tmp_path / "run"
+    overrides = tiny_overrides(data="cifar10", in_chans=3, val_size=4, batch_size=4, ref_batch_size=4,
+                               max_iters=2, milestones=[], eval_every=2, checkpoint_every=2)
+    train(load_recipe("cifar10-resnet20", overrides + [f"data_dir={data_dir}"]), run)
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["data"] == "cifar10" and meta["data_dir"] == str(data_dir.resolve())
+    cache = str(tmp_path / "cache")
+    assert main(["eval", str(run), "--format", "json", "--cache-dir", cache, "--backend", "torch"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == len(truth["test"][0][0])
+    # Without the record the default folder is searched, has no copy, and the download fails: one sentence.
+    del meta["data_dir"]
+    (run / "model.json").write_text(json.dumps(meta))
+    assert main(["eval", str(run), "--cache-dir", cache, "--backend", "torch"]) == 2
+    err = capsys.readouterr().err
+    assert "put cifar-10-binary.tar.gz into" in err and str(tmp_path / "empty") in err and err.count("\n") == 1
+    # A run from before model.json recorded its data: its config.yaml says both the source and the folder.
+    del meta["data"]
+    (run / "model.json").write_text(json.dumps(meta))
+    assert main(["eval", str(run), "--format", "json", "--cache-dir", cache, "--backend", "torch"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == len(truth["test"][0][0])

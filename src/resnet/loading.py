@@ -329,6 +329,8 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
         run_cfg = cfg or (_run_config(weights.parent) if sidecar is not None else {})
         if "data" not in meta and run_cfg.get("data"):
             meta["data"] = str(run_cfg["data"])
+            if run_cfg.get("data_dir"):
+                meta["data_dir"] = str(run_cfg["data_dir"])
         if "val_split" not in meta and run_cfg.get("val_size"):
             meta["val_split"] = {"val_size": run_cfg["val_size"], "seed": int(run_cfg.get("data_seed") or 0)}
     return model.to(map_location), meta

@@ -48,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
     if not data:
         raise UserError(f"'{meta.get('source', args.model)}' does not record the data it was trained on; pass "
                         "--data (cifar10, cifar100, digits or an ImageFolder directory).")
+    # The run's own source is read from where the run read it, unless --data-dir says otherwise.
+    data_dir = args.data_dir or (meta.get("data_dir") if data == meta.get("data") else None)
     res = evaluate(model, meta, data, split=args.split, view=args.views, batch_size=args.batch_size,
-                   data_dir=args.data_dir, cache_dir=args.cache_dir,
+                   data_dir=data_dir, cache_dir=args.cache_dir,
                    per_class=args.per_class or bool(args.confusion), backend=args.backend,
                    device=resolve_device(args.device), val_size=args.val_size, data_seed=args.data_seed)
     confusion = res.pop("_confusion")

@@ -446,6 +446,8 @@ class Trainer:
 
         data = self.cfg.data
         meta["data"] = data if data in NAMED_SOURCES else str(Path(data).expanduser().resolve())
+        if data in NAMED_SOURCES and self.cfg.data_dir:  # where that source's files were read from
+            meta["data_dir"] = str(Path(self.cfg.data_dir).expanduser().resolve())
         if self.cfg.val_size:  # used by `resnet eval --split val` only on data without its own val split
             meta["val_split"] = {"val_size": self.cfg.val_size, "seed": self.cfg.data_seed}
         artifacts.save_model_artifacts(self.out, model, meta)
