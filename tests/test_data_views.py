@@ -1,10 +1,19 @@
-"""Evaluation views: centre crop, 10-crop, multi-scale, and logits averaged over views."""
+"""Evaluation views: centre crop, 10-crop, multi-scale, and scores averaged over views."""
 
 from __future__ import annotations
 
 import torch
 
-from resnet.data.views import ViewBatch, center_view, make_views, multiscale, ten_crop, view_logits
+from resnet.data.augment import AugmentConfig
+from resnet.data.views import (
+    ViewBatch,
+    center_view,
+    combine_views,
+    make_views,
+    multiscale,
+    ten_crop,
+    view_logits,
+)
 
 
 def test_center_view_sizes_and_content():
@@ -36,7 +45,8 @@ def test_view_logits_average_over_views():
     assert torch.equal(view_logits(model, make_views(x, "full")), model(x))
     ten = make_views(x, "10crop")
     assert isinstance(ten, ViewBatch)
-    expect = ten_crop(x).flatten(0, 1).mean(dim=(2, 3)).view(4, 10, 3).mean(1)
+    # 10-crop averages softmax scores: its combined logits are the log of the averaged probabilities.
+    expect = ten_crop(x).flatten(0, 1).mean(dim=(2, 3)).view(4, 10, 3).softmax(2).mean(1).log()
     assert torch.allclose(view_logits(model, ten), expect, atol=1e-6)
     # Groups of different sizes and owners: per-image averages over every view it owns.
     vb = ViewBatch(
@@ -55,3 +65,25 @@ def test_flip_view_averages_the_image_and_its_mirror():
     assert torch.allclose(view_logits(model, flip), expect, atol=1e-6)
     assert not torch.allclose(expect, model(x))
     assert torch.equal(make_views(x, "full+flip").groups[0][0], flip.groups[0][0])
+
+
+def test_the_papers_multi_view_protocols_average_probabilities_and_flip_averages_logits():
+    """Three views of one image: one very sure of class 0, two fairly sure of class 1. Averaged logits pick
+    class 0; averaged softmax scores (10-crop and multi-scale, as Krizhevsky et al. and VGG) pick class 1."""
+    out = torch.tensor([[10.0, 0.0], [0.0, 2.0], [0.0, 2.0]])
+    one_image = [(torch.zeros(3, 1, 1, 1), torch.zeros(3, dtype=torch.long))]
+    as_logits = view_logits(lambda v: out, ViewBatch(one_image, 1))
+    as_probs = view_logits(lambda v: out, ViewBatch(one_image, 1, probs=True))
+    assert as_logits.argmax(1).item() == 0 and as_probs.argmax(1).item() == 1
+    assert torch.allclose(as_probs.softmax(1), out.softmax(1).mean(0, keepdim=True))
+    # The same rules for one image's views in `resnet predict`, by the model's evaluation view.
+    assert torch.allclose(combine_views(out, "10crop"), as_probs[0])
+    assert torch.allclose(combine_views(out, "multiscale"), as_probs[0])
+    assert torch.equal(combine_views(out, "flip"), as_logits[0])
+    cfg = AugmentConfig(resize=6, crop=4, scales=(4, 6))
+    x = torch.rand(2, 3, 8, 8)
+    assert make_views(x, "10crop", cfg).probs and make_views(x, "multiscale", cfg).probs
+    assert not make_views(x, "flip").probs
+    # A probability that underflows to zero stays finite in the log.
+    far = view_logits(lambda v: torch.tensor([[0.0, -200.0]] * 3), ViewBatch(one_image, 1, probs=True))
+    assert torch.isfinite(far).all()

@@ -76,12 +76,15 @@ def predict_files(predict: Callable[[torch.Tensor], torch.Tensor], meta: dict, p
     def flush() -> None:
         if not pending:
             return
-        # Images with several views (10-crop) run as one flat batch; logits are averaged per image.
+        # Images with several views (10-crop) run as one flat batch, combined per image as eval does.
+        from .data.views import combine_views
+
+        view = meta.get("eval_view") or "center"
         counts = [t.shape[0] if t.dim() == 4 else 1 for _, t in pending]
         flat = torch.cat([t if t.dim() == 4 else t.unsqueeze(0) for _, t in pending])
         logits = predict(flat).float().cpu()
         for (i, _), group in zip(pending, logits.split(counts), strict=True):
-            top = torch.softmax(group.mean(0), dim=0).topk(k)  # logits averaged over views, as in eval
+            top = torch.softmax(combine_views(group, view), dim=0).topk(k)
             results[i]["predictions"] = [{"label": classes[j], "prob": round(float(v), 6)}
                                          for v, j in zip(top.values, top.indices.tolist(), strict=True)]
         pending.clear()

@@ -362,7 +362,8 @@ class StreamLoader(_Loader):
         if self.mode == "10crop":
             n = x.shape[0]
             v = normalize(x.to(dev).flatten(0, 1), self.mean, self.std)
-            return ViewBatch([(self._finish(v), torch.arange(n, device=dev).repeat_interleave(10))], n), y
+            owner = torch.arange(n, device=dev).repeat_interleave(10)
+            return ViewBatch([(self._finish(v), owner)], n, probs=True), y
         if self.mode == "multiscale":
             groups = []
             for owner, per_scale in enumerate(x):
@@ -371,13 +372,13 @@ class StreamLoader(_Loader):
                     if self.cfg.multiscale_flip:
                         v = torch.cat([v, v.flip(-1)])
                     groups.append((self._finish(v), torch.full((len(v),), owner, device=dev)))
-            return ViewBatch(groups, len(x)), y
+            return ViewBatch(groups, len(x), probs=True), y
         if isinstance(x, list):  # pragma: no cover - guarded in __init__
             raise UserError("images of different sizes cannot share a batch in the full view.")
         xf = normalize(x.to(dev, non_blocking=True), self.mean, self.std)
         if self.mode == "flip":
             views = make_views(xf, "flip")
-            return ViewBatch([(self._finish(v), o) for v, o in views.groups], views.n), y
+            return ViewBatch([(self._finish(v), o) for v, o in views.groups], views.n, views.probs), y
         return self._finish(xf), y
 
 

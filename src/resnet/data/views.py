@@ -1,4 +1,4 @@
-"""Evaluation views: each maps images to a batch of views whose logits are averaged.
+"""Evaluation views: each maps images to a batch of views whose scores are averaged.
 
 - "full": the image as it is (the paper's CIFAR testing: the single original 32x32 view);
 - "flip": the image and its mirror image, logits averaged (the flip test-time augmentation that the
@@ -9,6 +9,11 @@
 - "multiscale": the fully-convolutional form, shorter side in {224, 256, 384, 480, 640}, scores averaged
   over the scales (and their mirror images, as in VGG's dense evaluation).
 Sizes come from `AugmentConfig`, so tests run with tiny images.
+
+The paper's two multi-view protocols average *softmax scores* over the views, as their sources do (10-crop:
+Krizhevsky et al. 2012 average the softmax predictions; multi-scale: Simonyan & Zisserman 2015 average the
+class posteriors); their combined "logits" are the log of the averaged probabilities, so softmax and top-k
+of them are the averaged scores'. "flip" (ours) averages logits, as airbench does.
 
 Functions here take float batches N x C x H x W (any scale); the loaders give views already normalised,
 and `view_logits(model, x)` turns whatever a loader yields into N x classes logits.
@@ -101,27 +106,43 @@ class ViewBatch:
 
     groups: list[tuple[torch.Tensor, torch.Tensor]]
     n: int
+    probs: bool = False  # average softmax scores (the paper's 10-crop and multi-scale), not logits
 
     def to(self, device, **kwargs) -> ViewBatch:
-        return ViewBatch([(v.to(device, **kwargs), o.to(device)) for v, o in self.groups], self.n)
+        return ViewBatch([(v.to(device, **kwargs), o.to(device)) for v, o in self.groups], self.n, self.probs)
 
     def logits(self, model) -> torch.Tensor:
-        """N x classes: the model's logits averaged over every view of each image."""
+        """N x classes: the model's logits averaged over every view of each image (with `probs`, the log
+        of its averaged softmax scores)."""
         total, count = None, None
         for views, owner in self.groups:
             out = model(views)
+            if self.probs:
+                out = out.float().softmax(1)
             if total is None:
                 total = out.new_zeros(self.n, out.shape[1])
                 count = out.new_zeros(self.n, 1)
             total.index_add_(0, owner, out)
             count.index_add_(0, owner, out.new_ones(len(owner), 1))
-        return total / count
+        mean = total / count
+        return mean.clamp_min(torch.finfo(mean.dtype).tiny).log() if self.probs else mean
 
 
-def stacked_views(x: torch.Tensor) -> ViewBatch:
+# The views whose scores are averaged as probabilities (see the module's docstring).
+PROB_AVERAGED = ("10crop", "multiscale")
+
+
+def combine_views(out: torch.Tensor, view: str) -> torch.Tensor:
+    """V x classes logits of one image's views -> its classes logits, by the rule of `view`."""
+    if canonical_view(view) in PROB_AVERAGED:
+        return out.float().softmax(1).mean(0).clamp_min(torch.finfo(torch.float32).tiny).log()
+    return out.mean(0)
+
+
+def stacked_views(x: torch.Tensor, probs: bool = False) -> ViewBatch:
     """N x V x C x h x w -> one group of N*V views."""
     n, v = x.shape[:2]
-    return ViewBatch([(x.flatten(0, 1), torch.arange(n, device=x.device).repeat_interleave(v))], n)
+    return ViewBatch([(x.flatten(0, 1), torch.arange(n, device=x.device).repeat_interleave(v))], n, probs)
 
 
 def make_views(x: torch.Tensor, view: str, cfg: AugmentConfig | None = None) -> torch.Tensor | ViewBatch:
@@ -136,9 +157,9 @@ def make_views(x: torch.Tensor, view: str, cfg: AugmentConfig | None = None) -> 
     if view == "center":
         return center_view(x, cfg.resize, cfg.crop)
     if view == "10crop":
-        return stacked_views(ten_crop(x, cfg.resize, cfg.crop))
+        return stacked_views(ten_crop(x, cfg.resize, cfg.crop), probs=True)
     groups = [stacked_views(m).groups[0] for m in multiscale(x, cfg.scales, cfg.multiscale_flip)]
-    return ViewBatch(groups, x.shape[0])
+    return ViewBatch(groups, x.shape[0], probs=True)
 
 
 def view_logits(model, x: torch.Tensor | ViewBatch) -> torch.Tensor:

@@ -74,7 +74,8 @@ class ResNet(nn.Module):
             self._init_weights(zero_init_residual)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
-        # He et al. 2015 ("Delving deep into rectifiers"): normal, std sqrt(2 / fan_out), as the paper cites.
+        # He et al. 2015 ("Delving deep into rectifiers"), which the paper cites: normal, std sqrt(2 / n); that
+        # paper allows n = fan_in or fan_out, we use fan_out (as torchvision).
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
