@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from resnet import artifacts
 from resnet.cli import main
 from resnet.errors import UserError
-from resnet.train import checkpoint, list_recipes, load_recipe, train
+from resnet.train import checkpoint, list_recipes, load_recipe, outputs, train
 from test_train_helpers import tiny_overrides
 
 PAPER_CIFAR = [f"cifar10-resnet{n}" for n in (20, 32, 44, 56, 110, 1202)] + \
@@ -57,10 +60,15 @@ def test_fast_recipe_says_it_is_not_the_paper():
     ("milestones=[1,a]", ["'milestones' must be list"]),
     ("precision=fp8", ["'precision' must be one of fp32, bf16, fp16"]),
     ("lr", ["not of the form key=value"]),
+    ("threads=-1", ["'threads' must be at least 1", "-1"]),
+    ("num_workers=-2", ["'num_workers' must be at least 0", "-2"]),
+    ("momentum=-0.9", ["'momentum' must not be negative"]),
+    ("weight_decay=-1e-4", ["'weight_decay' must not be negative"]),
+    ("momentum=0", ["'nesterov' needs a positive momentum"]),  # with nesterov on, as cifar10-fast has it
 ])
 def test_bad_overrides_are_one_sentence_naming_the_key(override, words):
     with pytest.raises(UserError) as err:
-        load_recipe("cifar10-resnet20", [override])
+        load_recipe("cifar10-fast" if override == "momentum=0" else "cifar10-resnet20", [override])
     message = str(err.value)
     assert all(w in message for w in words), message
     assert "\n" not in message and message.endswith(".")
@@ -70,6 +78,9 @@ def test_good_overrides_are_typed():
     c = load_recipe("cifar10-resnet20", ["lr=1", "milestones=[10, 20]", "val_size=null", "data=123"])
     assert c.lr == 1.0 and isinstance(c.lr, float) and c.milestones == [10, 20] and c.val_size is None
     assert c.data == "123"
+    # Exponents without a dot, which YAML 1.1 reads as text, are floats, on the command line and in files.
+    assert load_recipe("cifar10-resnet20", ["weight_decay=5e-4", "lr=1E-2"]).weight_decay == 5e-4
+    assert load_recipe("cifar10-resnet20", ["lr=1E-2"]).lr == 0.01
 
 
 def test_unknown_recipe_suggests_the_closest(capsys):
@@ -90,6 +101,9 @@ def test_nan_loss_stops_with_a_message_and_never_writes_bad_weights(tmp_path, mo
     cfg = load_recipe("cifar10-resnet20", tiny_overrides(checkpoint_every=3))
     with pytest.raises(UserError, match="non-finite at iteration 7.*last good checkpoint: iteration 6"):
         train(cfg, tmp_path)
+    with pytest.raises(UserError, match="non-finite at iteration 2 .*no checkpoint was written yet"):
+        monkeypatch.setenv("RESNET_TEST_NAN_AT", "2")
+        train(cfg, tmp_path / "early")
     state = checkpoint.load(tmp_path / checkpoint.NAME)
     assert state["iteration"] == 6 and checkpoint.all_finite(state["model"])
     assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / "summary.json").exists()
@@ -142,3 +156,39 @@ def test_cuda_path_trains_in_every_precision(tmp_path, precision):
     summary = train(cfg, tmp_path)
     assert summary["device"].startswith("cuda") and summary["iterations"] == 12
     assert checkpoint.all_finite(load_file(tmp_path / "model.safetensors"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_run_resumes_from_its_checkpoint(tmp_path):
+    """The checkpoint's random-number states are CPU tensors whatever the device; loading it onto the GPU
+    used to hand set_rng_state a CUDA tensor. A finished run without its summary resumes and finishes."""
+    cfg = load_recipe("cifar10-resnet20", tiny_overrides(device="cuda"))
+    first = train(cfg, tmp_path)
+    (tmp_path / "summary.json").unlink()
+    again = train(cfg, tmp_path)
+    assert again["iterations"] == first["iterations"] == 12 and again["test_top1_err"] == first["test_top1_err"]
+
+
+def test_outputs_are_readable_like_other_files_and_stale_temporaries_are_removed(tmp_path):
+    """Atomic writes used mkstemp's private 0600 mode; they now follow the umask like any written file."""
+    old = os.umask(0o022)
+    try:
+        artifacts.atomic_write_bytes(tmp_path / "a.json", b"{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    for name in (".checkpoint.pt.x1.tmp", ".curves.png.tmp.png"):  # left by processes killed mid-write
+        (tmp_path / name).write_bytes(b"partial")
+    checkpoint.remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_resumed_log_drops_the_lines_after_the_checkpoint_and_the_test_line(tmp_path):
+    """A run killed inside finish() after its test line had been written repeats finish() on the rerun:
+    the old test line goes, so the log holds one."""
+    lines = [{"iter": 6, "split": "train"}, {"iter": 12, "split": "val"}, {"iter": 12, "split": "test"},
+             {"iter": 13, "split": "train"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines) + '{"iter": 1')
+    outputs.RunLog(tmp_path, resume_iter=12).close()
+    assert outputs.read_metrics(tmp_path / "metrics.jsonl") == lines[:2]

@@ -24,6 +24,12 @@ from safetensors.torch import save as save_safetensors
 FORMAT = "resnet-model/1"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview,
                        before_rename: Callable[[], None] | None = None) -> None:
     """Write `data` to `path` so that `path` is either the old file or the complete new one (temp + fsync +
@@ -33,6 +39,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview,
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make outputs private to their writer
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -38,11 +38,11 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())  # the setters take CPU byte tensors only
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     pos, has_gauss, gauss = state["numpy_rest"]
-    np.random.set_state(("MT19937", state["numpy_key"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    np.random.set_state(("MT19937", state["numpy_key"].cpu().numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(_to_tuples(state["python"]))
 
 
@@ -82,5 +82,6 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
 
 def remove_stale_temps(folder: Path) -> None:
     """Temporary files left by a process killed while writing (the real files are untouched)."""
-    for tmp in folder.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+    for pattern in (".*.tmp", ".*.tmp.png"):  # atomic_write_bytes's and plot_curves's temporary names
+        for tmp in folder.glob(pattern):
+            tmp.unlink(missing_ok=True)

@@ -121,6 +121,11 @@ def _try(tp, value):
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as text; it is a float to everyone else
+            try:
+                value = float(value)
+            except ValueError:
+                return False, None
         ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
         return ok, float(value) if ok else None
     if tp is str:
@@ -224,6 +229,16 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"setting 'ema_decay' must be in [0, 1), not {cfg.ema_decay}.")
     if not 0 <= cfg.label_smoothing < 1:
         raise UserError(f"setting 'label_smoothing' must be in [0, 1), not {cfg.label_smoothing}.")
+    for key in ("threads", "num_workers"):  # None: the default for this machine
+        value = getattr(cfg, key)
+        if value is not None and value < (1 if key == "threads" else 0):
+            raise UserError(f"setting '{key}' must be at least {1 if key == 'threads' else 0} (or null for "
+                            f"the default), not {value}.")
+    for key in ("momentum", "weight_decay"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"setting '{key}' must not be negative, not {getattr(cfg, key)}.")
+    if cfg.nesterov and cfg.momentum <= 0:
+        raise UserError("setting 'nesterov' needs a positive momentum; set nesterov=false or momentum=0.9.")
     if sorted(cfg.milestones) != list(cfg.milestones):
         raise UserError(f"setting 'milestones' must be increasing iteration counts, not {cfg.milestones}.")
 

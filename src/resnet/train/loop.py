@@ -202,7 +202,8 @@ class Trainer:
         path = self.out / checkpoint.NAME
         if not path.exists():
             return None
-        state = checkpoint.load(path, map_location=self.info.device)
+        # On the CPU: the random-number states must stay CPU tensors; load_state_dict moves the rest.
+        state = checkpoint.load(path, map_location="cpu")
         old = state["config"]
         new = self.cfg.to_dict()
         diff = sorted(k for k in set(old) | set(new) if k not in RUNTIME_KEYS and old.get(k) != new.get(k))
@@ -244,6 +245,10 @@ class Trainer:
         checkpoint.save(self.out / checkpoint.NAME, state)
         self.last_ckpt_iter = self.it
 
+    def _last_good(self) -> str:
+        it = self.last_ckpt_iter
+        return "no checkpoint was written yet" if it is None else f"last good checkpoint: iteration {it}"
+
     # --- one step ---------------------------------------------------------------------------------------
     def _reset_window(self) -> None:
         self.window = {k: torch.zeros((), dtype=torch.float64, device=self.info.device)
@@ -265,9 +270,8 @@ class Trainer:
         bad, signalled = distributed.all_sum([float(nonfinite), float(stop.received is not None)], self.info)
         if bad:
             raise UserError(f"the training loss became non-finite at iteration {self.it} (lr {lr:g}); "
-                            f"stopped without saving these weights (last good checkpoint: iteration "
-                            f"{self.last_ckpt_iter}); try a lower lr or precision=fp32 in a new --out "
-                            f"folder.")
+                            f"stopped without saving these weights ({self._last_good()}); try a lower lr "
+                            f"or precision=fp32 in a new --out folder.")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

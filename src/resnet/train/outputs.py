@@ -41,7 +41,9 @@ class RunLog:
         if resume_iter is not None:
             for line in self.path.read_text().splitlines():
                 try:
-                    if json.loads(line)["iter"] <= resume_iter:
+                    rec = json.loads(line)
+                    # The test line comes from finish(), which a resumed run repeats.
+                    if rec["iter"] <= resume_iter and rec.get("split") != "test":
                         keep.append(line)
                 except (ValueError, KeyError):  # a line cut short by a kill
                     continue
@@ -103,7 +105,7 @@ def plot_curves(metrics: list[dict], path: Path, title: str) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.tmp.png")  # the suffix tells matplotlib the format
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
