@@ -228,6 +228,21 @@ def test_stream_file_broken_mid_run_is_skipped_or_strict(tmp_path):
         list(make_loader(split, 3, strict=True, **kw).iter_epoch(0))
 
 
+def test_a_training_batch_with_no_readable_image_stops_instead_of_shifting_the_iterations(tmp_path):
+    """Skipping such a batch would make the epoch one step short: iteration N would no longer be batch N
+    (no exact resume), and on several processes one rank would fall a step behind the others."""
+    ds = load_dataset(stream_folder(tmp_path), cache_dir=tmp_path / "c", workers=1)
+    split = ds.splits["train"]
+    loader = make_loader(split, 2, train=True, augment="imagenet", mean=ds.mean, std=ds.std, seed=3, cfg=TINY,
+                         num_workers=0)
+    first = split.paths[int(loader.order(0)[0])], split.paths[int(loader.order(0)[1])]
+    for path in first:
+        open(path, "wb").close()
+    with pytest.warns(SkippedImageWarning), pytest.raises(UserError, match="no image of a training batch could be "
+                                                            "read.*storage.*run the same command again"):
+        next(loader.iter_epoch(0))
+
+
 def test_batch_work_runs_single_threaded_and_restores_the_callers_threads():
     before = torch.get_num_threads()
     split = memory_split(8)

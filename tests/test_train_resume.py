@@ -159,3 +159,92 @@ def test_layout_may_change_between_a_run_and_its_resumption_but_the_math_may_not
     assert resumed["iterations"] == 4 and resumed["val_top1_err"] == pytest.approx(first["val_top1_err"], abs=0.02)
     with pytest.raises(UserError, match="different settings.*lr"):
         train(load_recipe("cifar10-resnet20", tiny_overrides(max_iters=4, eval_every=4, lr=0.07)), out)
+
+
+def _tiny(**extra):
+    from resnet.train import load_recipe
+
+    return load_recipe("cifar10-resnet20", tiny_overrides(**{"max_iters": 4, "eval_every": 4, **extra}))
+
+
+def test_a_folder_holding_another_runs_outputs_is_never_overwritten(tmp_path):
+    """Without its checkpoint (deleted to save space), a finished run's folder used to be taken over by a
+    run with other settings: metrics emptied, config rewritten, and later the old summary returned."""
+    from resnet.errors import UserError
+    from resnet.train import train
+
+    out = tmp_path / "run"
+    train(_tiny(), out)
+    (out / checkpoint.NAME).unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(UserError, match=r"holds a run with different settings \(lr\).*new --out folder"):
+        train(_tiny(lr=0.07), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert train(_tiny(), out)["status"] == "finished"  # the same settings still get their summary
+
+
+def test_a_second_process_on_the_same_folder_is_refused_while_the_first_holds_it(tmp_path):
+    import fcntl
+
+    from resnet.errors import UserError
+    from resnet.train import train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".checkpoint.pt.live.tmp").write_bytes(b"the first process is writing this")
+    with open(out / ".lock", "a+") as held:  # what the first process holds for its whole run
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match="another training process is using"):
+            train(_tiny(), out)
+        assert (out / ".checkpoint.pt.live.tmp").exists()  # its write in flight is left alone
+    assert train(_tiny(), out)["iterations"] == 4  # released (as when that process ends or dies): runs
+
+
+def test_an_unusable_run_folder_is_one_sentence(tmp_path, capsys):
+    from resnet.cli import main
+
+    (tmp_path / "file").write_text("not a folder")
+    rc = main(["train", "--recipe", "cifar10-resnet20", "--out", str(tmp_path / "file"),
+               *tiny_overrides(max_iters=4, eval_every=4)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot use" in err and "choose a writable --out" in err and "Traceback" not in err
+
+
+def test_a_failed_checkpoint_write_stops_with_a_sentence_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    from resnet.errors import UserError
+    from resnet.train import train
+
+    real_save = checkpoint.save
+
+    def save(path, state):
+        if state["iteration"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(path, state)
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    with pytest.raises(UserError, match="No space left on device.*intact.*resume.*iteration 3"):
+        train(_tiny(max_iters=8, checkpoint_every=3), tmp_path)
+    assert checkpoint.load(tmp_path / checkpoint.NAME)["iteration"] == 3
+
+
+def test_weights_that_turn_non_finite_under_a_finite_loss_stop_before_any_checkpoint(tmp_path, monkeypatch):
+    import torch
+
+    from resnet.errors import UserError
+    from resnet.train import loop, train
+
+    step = loop.Trainer.step
+
+    def poisoned(self, x, y, stop):  # an overflowing BN variance: the next losses stay finite
+        out = step(self, x, y, stop)
+        if self.it == 5:
+            with torch.no_grad():
+                self.raw.bn1.running_var.fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(loop.Trainer, "step", poisoned)
+    with pytest.raises(UserError, match="weights became non-finite by iteration 6.*last good checkpoint: iteration 3"):
+        train(_tiny(max_iters=8, checkpoint_every=3), tmp_path)
+    assert checkpoint.all_finite(checkpoint.load(tmp_path / checkpoint.NAME)["model"])

@@ -288,7 +288,9 @@ class StreamLoader(_Loader):
     """Batches decoded from files by DataLoader workers; colour augmentation and normalisation on the device.
 
     A file that fails to decode mid-run is dropped from its batch, warned about once and listed in
-    `skipped` (the batch is one smaller), or with `strict` raises UserError.
+    `skipped` (the batch is one smaller), or with `strict` raises UserError. A training batch none of whose
+    files can be read (storage gone) stops with UserError: skipping it would shift every later iteration
+    off its batch, and on several processes leave one rank a step behind the others.
     """
 
     def __init__(
@@ -340,6 +342,11 @@ class StreamLoader(_Loader):
             for i, reason in bad:
                 self._skip(self.split.paths[i], reason)
             if x is None:
+                if self.train:
+                    path, reason = self.split.paths[bad[0][0]], bad[0][1]
+                    raise UserError(f"no image of a training batch could be read (the first, {path}, {reason}); "
+                                    f"check that the storage is available, then run the same command again "
+                                    f"to resume from the last checkpoint.")
                 continue
             with single_thread(self.device.type == "cpu"):
                 out = self._transform(x, y, epoch, idx)

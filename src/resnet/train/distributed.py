@@ -80,6 +80,16 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return all_sum([1.0 if flag else 0.0], info)[0] > 0
 
 
+def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank. Without synchronised BN each rank's
+    statistics include its own last batch; evaluating with rank 0's scores each shard with the model that
+    rank 0 saves. (DDP overwrites the training model's buffers from rank 0 at every forward anyway.)"""
+    if not info.enabled:
+        return
+    for b in model.buffers():
+        dist.broadcast(b, src=0)
+
+
 def gather_objects(obj, info: DistInfo) -> list:
     """`obj` from every rank, in rank order (for per-rank RNG states)."""
     if not info.enabled:

@@ -217,20 +217,37 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
         rngs = state["rng"]
+        if len(rngs) != self.info.world_size:
+            self._say(f"resuming a run checkpointed on {len(rngs)} process(es) on {self.info.world_size}: it "
+                      f"continues with the same global batch, but not bit for bit.")
         if self.info.rank < len(rngs):
             checkpoint.set_rng_state(rngs[self.info.rank])
         self.it, self.wall_s = state["iteration"], state["wall_s"]
         self.train_s, self.images = state["train_s"], state["images"]
-        self.window = {k: torch.tensor(v, dtype=torch.float64, device=self.info.device)
-                       for k, v in state["window"].items()}
+        # The saved window is the sum over all ranks: rank 0 carries it on, the others start from zero.
+        self.window = {k: torch.tensor(v if self.info.is_main else 0.0, dtype=torch.float64,
+                                       device=self.info.device) for k, v in state["window"].items()}
         self.window_t0 = time.perf_counter()
         self.last_ckpt_iter = self.it
         return state
 
     def save_checkpoint(self) -> None:
+        # Weights can turn non-finite while the loss stays finite (an overflowing gradient or BN variance):
+        # every rank checks and all stop together, with the sentence a non-finite loss gets.
+        if distributed.any_rank(not checkpoint.all_finite(self.raw.state_dict()), self.info):
+            raise UserError(f"the weights became non-finite by iteration {self.it} although the loss was "
+                            f"finite; stopped without saving them ({self._last_good()}); try a lower lr or "
+                            f"precision=fp32 in a new --out folder.")
         rngs = distributed.gather_objects(checkpoint.rng_state(), self.info)
-        if not self.info.is_main:
-            return
+        keys = ("loss", "top1", "top5", "n")  # the partial training-metrics window, summed over ranks
+        window = dict(zip(keys, distributed.all_sum([float(self.window[k]) for k in keys], self.info), strict=True))
+        problem = self._write_checkpoint(rngs, window) if self.info.is_main else None
+        if distributed.any_rank(problem is not None, self.info):
+            raise UserError(problem or "rank 0 could not write the checkpoint; see its message.")
+        self.last_ckpt_iter = self.it
+
+    def _write_checkpoint(self, rngs: list, window: dict) -> str | None:
+        """Rank 0 writes; returns the sentence for a failed write (disk full, folder gone), else None."""
         epoch, batch = divmod(self.it, self.steps_per_epoch)
         state = {
             "format": checkpoint.FORMAT, "config": self.cfg.to_dict(), "iteration": self.it,
@@ -239,11 +256,17 @@ class Trainer:
             "ema": None if self.ema is None else self.ema.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": rngs,
-            "window": {k: float(v) for k, v in self.window.items()},
+            "window": window,
             "wall_s": self.wall_s + self._since_start(), "train_s": self.train_s, "images": self.images,
         }
-        checkpoint.save(self.out / checkpoint.NAME, state)
-        self.last_ckpt_iter = self.it
+        path = self.out / checkpoint.NAME
+        try:
+            checkpoint.save(path, state)
+        except OSError as err:
+            return (f"could not write the checkpoint '{path}' ({err.strerror or err}); the previous one is "
+                    f"intact: free space (or fix the folder) and run the same command again to resume "
+                    f"({self._last_good()}).")
+        return None
 
     def _last_good(self) -> str:
         it = self.last_ckpt_iter
@@ -295,6 +318,7 @@ class Trainer:
         `model` defaults to the one the run saves: the averaged weights when EMA is on."""
         if model is None:
             model = self.ema.model if self.ema is not None else self.raw
+        distributed.broadcast_buffers(model, self.info)
         was_training = model.training
         model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.info.device)
@@ -425,7 +449,7 @@ class Trainer:
                 summary["test_top1_err_trained"] = m["trained_top1_err"]
         summary.update(iterations=self.it, epochs=self.it / self.steps_per_epoch, wall_s=wall,
                        train_s=self.train_s, images_per_s=self.images / max(self.train_s, 1e-9),
-                       skipped=len(getattr(self.ds, "skipped", []) or []), world_size=self.info.world_size,
+                       skipped=self._skipped(), world_size=self.info.world_size,
                        device=str(self.info.device), precision=self.cfg.precision)
         if self.info.is_main:
             self._write_artifacts(summary)
@@ -433,6 +457,12 @@ class Trainer:
             self._write_curves()
         self.log.close()
         return summary
+
+    def _skipped(self) -> int:
+        """Unreadable images: found when the data was scanned, plus those streamed loaders met on any rank
+        (the last counted since this process started)."""
+        met = sum(len(getattr(loader, "skipped", [])) for loader in (self.train_loader, *self.eval_loaders.values()))
+        return len(getattr(self.ds, "skipped", []) or []) + int(distributed.all_sum([float(met)], self.info)[0])
 
     def _write_artifacts(self, summary: dict) -> None:
         model = self.ema.model if self.ema is not None else self.raw
@@ -472,17 +502,26 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, data_api=None) -> dic
     """
     validate(cfg)
     out = Path(out_dir)
-    done = _finished_summary(cfg, out)
+    done = _existing_run(cfg, out)
     if done is not None:
         return done
     if data_api is None:
         from .. import data as data_api
     info = distributed.setup(cfg.device)
+    lock = trainer = None
     try:
+        problem = None
         if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            checkpoint.remove_stale_temps(out)
-        distributed.barrier(info)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                lock = _lock(out)
+                checkpoint.remove_stale_temps(out)  # only now: another live run's temporaries are its own
+            except UserError as err:
+                problem = str(err)
+            except OSError as err:
+                problem = f"cannot use '{out}' as the run folder ({err.strerror or err}); choose a writable --out."
+        if distributed.any_rank(problem is not None, info):
+            raise UserError(problem or "rank 0 could not prepare the run folder; see its message.")
         trainer = Trainer(cfg, out, info, data_api)
         if info.is_main:
             outputs.write_yaml(out / "config.yaml", cfg.to_dict())
@@ -492,13 +531,48 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, data_api=None) -> dic
                 trainer._say(f"resuming {out} from iteration {trainer.it}.")
         return trainer.fit()
     finally:
+        if lock is not None:
+            lock.close()  # releases the lock
+        # DDP's reducer must be freed while its process group lives: freed after destroy_process_group (when
+        # train() returned), it intermittently blocked a gloo rank forever.
+        trainer = None
+        if info.enabled:
+            import gc
+
+            gc.collect()
         distributed.teardown()
 
 
-def _finished_summary(cfg: TrainConfig, out: Path) -> dict | None:
-    """The summary of a finished run with the same settings in `out`, so it is never retrained."""
-    path = out / "summary.json"
-    if not (path.exists() and (out / "config.yaml").exists()):
+def _lock(out: Path):
+    """An exclusive lock on `out/.lock` for this run's lifetime (released by the kernel if the process dies),
+    so a second process (a requeued job whose first copy still runs) cannot interleave writes. None where
+    the platform has no flock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        return None
+    f = open(out / ".lock", "a+")  # noqa: SIM115 - held open until the run ends
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError(f"another training process is using '{out}'; wait for it to end (or stop it), or "
+                        f"choose another --out folder.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+_OUTPUTS = ("summary.json", "model.safetensors", checkpoint.NAME, "metrics.jsonl")
+
+
+def _existing_run(cfg: TrainConfig, out: Path) -> dict | None:
+    """What `out` already holds: the summary of a finished run with the same settings (never retrained),
+    None for a fresh or resumable folder; a folder holding another run's outputs is refused, so they are
+    never overwritten, even when its checkpoint has been deleted."""
+    if not (out / "config.yaml").exists():
         return None
     import json
 
@@ -506,7 +580,12 @@ def _finished_summary(cfg: TrainConfig, out: Path) -> dict | None:
 
     old = config_from_dict(yaml.safe_load((out / "config.yaml").read_text())).to_dict()
     new = cfg.to_dict()
-    if any(old[k] != new[k] for k in new if k not in RUNTIME_KEYS):
-        return None  # the checkpoint check will name the difference
-    summary = json.loads(path.read_text())
+    diff = sorted(k for k in new if k not in RUNTIME_KEYS and old.get(k) != new[k])
+    if diff:
+        if any((out / name).exists() and (out / name).stat().st_size for name in _OUTPUTS):
+            raise UserError(f"'{out}' holds a run with different settings ({', '.join(diff[:4])}); use the "
+                            f"same recipe and overrides to resume it, or a new --out folder.")
+        return None
+    path = out / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
     return summary if summary.get("status") == "finished" else None
