@@ -48,6 +48,26 @@ def test_scan_sorts_classes_and_ignores_hidden_and_non_images(tmp_path):
     assert all(".hidden" not in p and ".cache" not in p for p in splits["train"].paths)
 
 
+def test_scan_follows_a_linked_folder_once_and_reads_names_that_are_not_utf8(tmp_path):
+    """A link back up the tree (train/a/self -> .) used to be followed until the OS refused (the images
+    counted ~40 times, then a traceback); a Latin-1 file name crashed the cache fingerprint."""
+    root = make_folder(tmp_path / "d", {"train": {"a": 2, "b": 1}})
+    (root / "train" / "a" / "self").symlink_to(".")
+    (root / "train" / "a" / "up").symlink_to("..")  # the split folder: would pull b's images into a
+    Image.fromarray(pixel(0, 5)).save(os.fsdecode(os.fsencode(str(root / "train" / "a")) + b"/caf\xe9.png"))
+    classes, splits = scan_folder(root)
+    assert classes == ["a", "b"] and splits["train"].labels == [0, 0, 0, 1]
+    ds = load_dataset(root, cache_dir=tmp_path / "c", workers=1)
+    assert len(ds.splits["train"]) == 4 and len(splits["train"].fingerprint()) == 64
+
+
+def test_an_unwritable_cache_folder_is_one_sentence(tmp_path):
+    root = make_folder(tmp_path / "d", {"train": {"a": 1}})
+    (tmp_path / "file").write_text("a file where the cache folder should be")
+    with pytest.raises(UserError, match="cannot write the decode cache in .*file.*--cache-dir"):
+        load_dataset(root, cache_dir=tmp_path / "file" / "cache")
+
+
 @pytest.mark.parametrize(
     "case, words",
     [

@@ -143,16 +143,51 @@ def test_cifar_download_extract_and_read(tmp_path, monkeypatch, kind):
     assert len(ds.mean) == 3 and all(0.4 < m < 0.6 for m in ds.mean)  # uniform random pixels
 
 
+def _offline_spec(monkeypatch, archive: bytes) -> None:
+    """cifar10 with an unreachable URL and the MD5 of our small archive."""
+    spec = {**src.CIFAR["cifar10"].__dict__, "url": "http://127.0.0.1:9/none", "md5": hashlib.md5(archive).hexdigest()}
+    monkeypatch.setitem(src.CIFAR, "cifar10", src.CifarSpec(**spec))
+
+
 def test_cifar_archive_already_present_needs_no_network(tmp_path, monkeypatch):
     archive, _ = make_archive("cifar10", n=2)
     (tmp_path / "cifar-10-binary.tar.gz").write_bytes(archive)
-    monkeypatch.setitem(
-        src.CIFAR,
-        "cifar10",
-        src.CifarSpec(**{**src.CIFAR["cifar10"].__dict__, "url": "http://127.0.0.1:9/none"}),
-    )
+    _offline_spec(monkeypatch, archive)
     ds = load_dataset("cifar10", data_dir=tmp_path, in_chans=1)
     assert ds.splits["train"].images.shape == (10, 1, 32, 32) and len(ds.mean) == 1
+
+
+def test_an_archive_put_in_place_is_checked_and_a_half_extracted_folder_is_replaced(tmp_path, monkeypatch):
+    """tarfile never reads gzip's CRC, so a damaged archive used to extract into wrong pixels unnoticed;
+    a folder left half-extracted beside a good archive used to fail with FileNotFoundError."""
+    archive, truth = make_archive("cifar10", n=2)
+    _offline_spec(monkeypatch, archive)
+    damaged = bytearray(archive)
+    damaged[len(damaged) // 2] ^= 0xFF
+    (tmp_path / "cifar-10-binary.tar.gz").write_bytes(bytes(damaged))
+    with pytest.raises(UserError, match="does not match the published MD5.*delete it"):
+        load_dataset("cifar10", data_dir=tmp_path)
+    (tmp_path / "cifar-10-binary.tar.gz").write_bytes(archive)
+    partial = tmp_path / "cifar-10-batches-bin"
+    partial.mkdir()
+    (partial / "data_batch_1.bin").write_bytes(b"\0" * 3073)  # a killed `tar x`: one file, no names
+    ds = load_dataset("cifar10", data_dir=tmp_path)
+    assert len(ds.splits["test"]) == 2 and (partial / "batches.meta.txt").is_file()
+    assert np.array_equal(ds.splits["test"].images.numpy().reshape(2, -1), truth["test"][0][1])
+
+
+def test_an_unwritable_data_directory_is_one_sentence(tmp_path, monkeypatch):
+    """A shared read-only directory holding only the archive: the lock file cannot be created there."""
+    archive, _ = make_archive("cifar10", n=2)
+    _offline_spec(monkeypatch, archive)
+    (tmp_path / "cifar-10-binary.tar.gz").write_bytes(archive)
+
+    def read_only(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(src, "file_lock", read_only)
+    with pytest.raises(UserError, match="cannot write in the data directory .*Permission denied.*--data-dir"):
+        load_dataset("cifar10", data_dir=tmp_path)
 
 
 def test_cifar_corrupt_batch_file_is_a_user_error(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -185,7 +186,8 @@ def test_eval_without_data_reads_a_named_source_from_the_runs_data_dir(tmp_path,
     data_dir = tmp_path / "datasets"
     data_dir.mkdir()
     (data_dir / "cifar-10-binary.tar.gz").write_bytes(archive)
-    unreachable = src.CifarSpec(**{**src.CIFAR["cifar10"].__dict__, "url": "http://127.0.0.1:9/none"})
+    unreachable = src.CifarSpec(**{**src.CIFAR["cifar10"].__dict__, "url": "http://127.0.0.1:9/none",
+                                   "md5": hashlib.md5(archive).hexdigest()})
     monkeypatch.setitem(src.CIFAR, "cifar10", unreachable)
     monkeypatch.setenv("RESNET_DATA_DIR", str(tmp_path / "empty"))
     run = tmp_path / "run"

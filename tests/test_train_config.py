@@ -192,3 +192,19 @@ def test_resumed_log_drops_the_lines_after_the_checkpoint_and_the_test_line(tmp_
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines) + '{"iter": 1')
     outputs.RunLog(tmp_path, resume_iter=12).close()
     assert outputs.read_metrics(tmp_path / "metrics.jsonl") == lines[:2]
+
+
+def test_strict_data_reaches_the_loaders(tmp_path):
+    """--strict (strict_data) used to apply only to the scan: a streamed file breaking mid-run was skipped."""
+    from test_train_helpers import FakeData
+
+    seen = []
+
+    class Recording(FakeData):
+        def make_loader(self, split, batch_size, **kwargs):
+            seen.append(kwargs.get("strict"))
+            return super().make_loader(split, batch_size, **kwargs)
+
+    overrides = tiny_overrides(max_iters=2, eval_every=2, in_chans=3, strict_data=True)
+    train(load_recipe("cifar10-resnet20", overrides), tmp_path, data_api=Recording())
+    assert seen and all(s is True for s in seen)

@@ -8,6 +8,7 @@ The cache lives in the cache directory, never inside the data folder (which may 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -172,6 +173,14 @@ def _build_memory(
         )
         arr.flush()
         del arr
+        # Reserve the blocks now: a full disk is then an OSError here, not a SIGBUS in a decoding worker
+        # writing through the memory map (which would kill it, or hang the pool waiting for it).
+        with open(tmp, "rb+") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            except (AttributeError, OSError) as err:  # a file system without it: go on as before
+                if getattr(err, "errno", None) not in (None, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
         jobs = [
             (tmp, s, paths[s:e], in_chans, height, width, max_pixels) for s, e in _chunks(len(paths), workers)
         ]

@@ -265,6 +265,15 @@ def _probe_sizes(paths: list[str], max_pixels: int) -> Counter:
     return sizes
 
 
+def _in_cache(build, *args, **kwargs):
+    """`build(...)` with a cache folder that cannot be written (read-only, full, not a folder) as one sentence."""
+    try:
+        return build(*args, **kwargs)
+    except OSError as err:
+        raise UserError(f"cannot write the decode cache in {kwargs['cache_dir']} ({err.strerror or err}); choose "
+                        f"another folder with --cache-dir or RESNET_CACHE_DIR.") from None
+
+
 def _load_folder(
     root: str,
     *,
@@ -291,7 +300,8 @@ def _load_folder(
     for name, sc in scanned.items():
         if kind == "memory":
             fp = sc.fingerprint("memory", in_chans, size, max_pixels, cache_mod.DECODE_VERSION, classes)
-            arr, meta = cache_mod.build_or_load_memory(
+            arr, meta = _in_cache(
+                cache_mod.build_or_load_memory,
                 sc.paths,
                 root=root,
                 split=name,
@@ -315,7 +325,8 @@ def _load_folder(
             )
         else:
             fp = sc.fingerprint("stream", in_chans, max_pixels, cache_mod.DECODE_VERSION, classes)
-            meta = cache_mod.build_or_load_index(
+            meta = _in_cache(
+                cache_mod.build_or_load_index,
                 sc.paths,
                 root=root,
                 split=name,

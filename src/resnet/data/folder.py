@@ -30,7 +30,8 @@ class ScannedSplit:
         """A hash of the file list, sizes, mtimes and `extra` (decode settings): changes when any does."""
         h = hashlib.sha256()
         for rel, size, mtime in self.stats:
-            h.update(f"{rel}\0{size}\0{mtime}\n".encode())
+            # surrogateescape: a file name that is not UTF-8 (a Latin-1 name on Linux) hashes as its bytes
+            h.update(f"{rel}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
         h.update(repr(extra).encode())
         return h.hexdigest()
 
@@ -41,9 +42,12 @@ def _visible_dirs(path: Path) -> list[str]:
 
 
 def _class_files(path: Path) -> list[os.DirEntry]:
-    """Image files in one class folder and its visible subfolders, sorted by path."""
+    """Image files in one class folder and its visible subfolders, sorted by path. A linked folder is
+    followed once: a link back up the tree (a loop) is skipped, so no image is read twice."""
     out = []
     stack = [path]
+    top = path.resolve()
+    seen = {top}
     while stack:
         d = stack.pop()
         with os.scandir(d) as it:
@@ -51,6 +55,10 @@ def _class_files(path: Path) -> list[os.DirEntry]:
                 if e.name.startswith("."):
                     continue
                 if e.is_dir():
+                    real = Path(e.path).resolve()
+                    if real in seen or real in top.parents:  # visited, or above: a loop
+                        continue
+                    seen.add(real)
                     stack.append(Path(e.path))
                 elif e.is_file() and is_image_name(e.name):
                     out.append(e)

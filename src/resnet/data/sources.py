@@ -203,7 +203,8 @@ def _extract(spec: CifarSpec, archive: Path, root: Path) -> None:
                 f"delete it and run again to download a fresh copy."
             )
         final = root / spec.folder
-        if not final.exists():
+        if not _complete(spec, final):  # absent, or left half-extracted by hand or by a killed process
+            shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
     except (tarfile.TarError, OSError, EOFError) as err:
         raise UserError(f"{archive} cannot be extracted ({err}); delete it and run again.") from None
@@ -211,12 +212,17 @@ def _extract(spec: CifarSpec, archive: Path, root: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _complete(spec: CifarSpec, folder: Path) -> bool:
+    return all((folder / f).is_file() for f in (*spec.train_files, *spec.test_files, spec.names_file))
+
+
 def cifar_folder(name: str, data_dir: str | os.PathLike | None = None, *, download_ok: bool = True) -> Path:
-    """The extracted CIFAR binary folder under `data_dir`: found, extracted, or downloaded."""
+    """The extracted CIFAR binary folder under `data_dir`: found, extracted, or downloaded. An archive found
+    in place (put there by hand) is checked against the published MD5 before it is extracted."""
     spec = CIFAR[name]
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     folder = root / spec.folder
-    if all((folder / f).is_file() for f in (*spec.train_files, *spec.test_files)):
+    if _complete(spec, folder):
         return folder
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -226,15 +232,26 @@ def cifar_folder(name: str, data_dir: str | os.PathLike | None = None, *, downlo
             f"choose another with --data-dir or RESNET_DATA_DIR."
         ) from None
     archive = root / spec.archive
-    with file_lock(root / f".{spec.name}.lock"):
-        if not all((folder / f).is_file() for f in (*spec.train_files, *spec.test_files)):
-            if not archive.exists():
-                if not download_ok:
+    try:
+        with file_lock(root / f".{spec.name}.lock"):
+            if not _complete(spec, folder):
+                if not archive.exists():
+                    if not download_ok:
+                        raise UserError(
+                            f"{name} is not in {root}; put {spec.archive} there or allow the download."
+                        )
+                    download(spec.url, archive, spec.md5)  # verifies the MD5 before the file is named
+                elif md5_of(archive) != spec.md5:
                     raise UserError(
-                        f"{name} is not in {root}; put {spec.archive} there or allow the download."
+                        f"{archive} does not match the published MD5 of the {name} release (damaged or "
+                        f"another file); delete it and run again to download it, or put the right file there."
                     )
-                download(spec.url, archive, spec.md5)
-            _extract(spec, archive, root)
+                _extract(spec, archive, root)
+    except OSError as err:  # a read-only or full data directory
+        raise UserError(
+            f"cannot write in the data directory {root} ({err.strerror or err}); choose another with "
+            f"--data-dir or RESNET_DATA_DIR, or extract {spec.archive} there by hand."
+        ) from None
     return folder
 
 

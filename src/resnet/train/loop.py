@@ -153,7 +153,7 @@ class Trainer:
                                         strict=cfg.strict_data)
         common = dict(mean=self.ds.mean, std=self.ds.std, seed=cfg.seed, rank=info.rank,
                       world_size=info.world_size, device=str(info.device), channels_last=cfg.channels_last,
-                      num_workers=cfg.num_workers)
+                      num_workers=cfg.num_workers, strict=cfg.strict_data)
         self.train_loader = data_api.make_loader(self.ds.splits["train"], self.plan.local_batch, train=True,
                                                  augment=cfg.augment, **common)
         self.eval_loaders = {
