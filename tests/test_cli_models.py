@@ -48,3 +48,12 @@ def test_unknown_model_is_one_sentence_without_traceback():
 def test_unknown_command_suggests(capsys):
     assert main(["modls"]) == 2
     assert "did you mean models" in capsys.readouterr().err
+
+
+def test_an_unforeseen_os_error_is_one_sentence_naming_the_path(capsys):
+    """Paths the commands do not check themselves (here a name longer than the file system allows) used to
+    end in a traceback."""
+    long_name = "x" * 300
+    assert main(["eval", long_name, "--data", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("resnet eval: File name too long") and long_name in err and err.count("\n") == 1

@@ -210,3 +210,46 @@ def test_eval_without_data_reads_a_named_source_from_the_runs_data_dir(tmp_path,
     (run / "model.json").write_text(json.dumps(meta))
     assert main(["eval", str(run), "--format", "json", "--cache-dir", cache, "--backend", "torch"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == len(truth["test"][0][0])
+
+
+def test_a_run_that_has_not_finished_is_scored_with_its_own_classes_normalisation_and_view(tmp_path, capsys):
+    """model.json is written when a run finishes; a checkpoint alone used to be scored with CIFAR-10's
+    mean and std and the 'full' view, silently. Checkpoints now describe their model; an older one gets a
+    note saying what is assumed."""
+    from resnet.train import checkpoint, train
+    from resnet.train.config import load_recipe
+    from test_train_helpers import tiny_overrides
+
+    run = tmp_path / "run"
+    train(load_recipe("cifar10-resnet20", tiny_overrides(tta_flip=True)), run)
+    finished = json.loads((run / "model.json").read_text())
+    (run / "model.json").unlink()
+    (run / "model.safetensors").unlink()  # as in a run still training: only its checkpoint
+    _, meta = load_model(run)
+    for key in ("classes", "mean", "std", "input_size", "eval_view", "data", "val_split", "options"):
+        assert meta[key] == finished[key], key
+    assert meta["eval_view"] == "flip" and meta["mean"] != pytest.approx([0.4914]) and "assumed" not in meta
+    cache = str(tmp_path / "cache")
+    assert main(["eval", str(run), "--cache-dir", cache, "--backend", "torch"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    state = checkpoint.load(run / checkpoint.NAME)
+    del state["model_meta"]  # a checkpoint written before checkpoints carried it
+    checkpoint.save(run / checkpoint.NAME, state)
+    assert main(["eval", str(run), "--data", "digits", "--cache-dir", cache, "--backend", "torch"]) == 0
+    err = capsys.readouterr().err
+    assert "does not record classes, mean, std, input_size, eval_view; assuming the cifar defaults" in err
+
+
+def test_skipped_counts_the_evaluated_splits_unreadable_images_only(tmp_path):
+    """It used to count every split's (the training split's too)."""
+    data = image_folder(tmp_path / "data")
+    (data / "test" / "apple" / "broken.png").write_bytes(b"not a png")
+    for cls in COUNTS:
+        (data / "train" / cls).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data / "train" / cls / "ok.png")
+    for i in range(2):
+        (data / "train" / "apple" / f"broken{i}.png").write_bytes(b"not a png either")
+    run = constant_model(tmp_path / "run", ["apple", "banana", "cherry"], favourite="cherry")
+    with pytest.warns(UserWarning):
+        res = evaluate(*load_model(run), str(data), split="test", cache_dir=str(tmp_path / "c"), backend="torch")
+    assert res["n"] == 10 and res["skipped"] == 1

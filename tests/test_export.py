@@ -98,3 +98,26 @@ def test_export_cli_writes_and_checks_each_format(run_dir, tmp_path, capsys):
         assert out.is_file() and "max |logit difference|" in capsys.readouterr().out
     assert main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.safetensors", "m.torchscript"]  # no temporaries
+
+
+def test_an_export_that_fails_its_check_never_replaces_the_file_at_out(run_dir, tmp_path, capsys, monkeypatch):
+    """The file used to be written under its final name first and checked after, so a failing export had
+    already replaced a good one."""
+    import resnet.export as export_mod
+
+    out = tmp_path / "m.torchscript"
+    out.write_bytes(b"the user's earlier, good export")
+    monkeypatch.setattr(export_mod, "export_error", lambda *a, **k: (0.5, 10.0))
+    assert main(["export", str(run_dir), "--format", "torchscript", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "differs from PyTorch by 5.00e-01" in err and f"nothing was written to '{out}'" in err
+    assert out.read_bytes() == b"the user's earlier, good export" and [p.name for p in tmp_path.iterdir()] == [out.name]
+    # Within the tolerance relative to the logits' size (5e-4 on logits up to 626, as a randomly
+    # initialised ResNet-50 gives), the export is accepted.
+    monkeypatch.setattr(export_mod, "export_error", lambda *a, **k: (5e-4, 626.0))
+    assert main(["export", str(run_dir), "--format", "torchscript", "--out", str(out)]) == 0
+    assert out.read_bytes() != b"the user's earlier, good export"
+    (tmp_path / "file").write_text("a file where a folder should be")
+    assert main(["export", str(run_dir), "--format", "torchscript", "--out", str(tmp_path / "file" / "m.pt")]) == 2
+    assert "cannot write" in capsys.readouterr().err

@@ -84,6 +84,15 @@ def test_unknown_backend_is_a_user_error():
         InferenceModel(create_model("resnet20"), backend="tensorrt")
 
 
+def test_a_model_without_metadata_runs_in_torch_and_onnxruntime_asks_for_it():
+    """The ONNX export needs meta's input_size: `InferenceModel(model)` used to fail with KeyError."""
+    model = create_model("resnet20", num_classes=3)
+    predictor = InferenceModel(model)
+    assert predictor.backend == "torch" and predictor(inputs((2, 3, 8, 8))).shape == (2, 3)
+    with pytest.raises(UserError, match="onnxruntime backend needs the model's metadata"):
+        InferenceModel(model, backend="onnxruntime")
+
+
 def test_onnxruntime_backend_settles_on_one_thread_setting_and_keeps_outputs():
     pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
@@ -101,3 +110,30 @@ def test_onnxruntime_backend_settles_on_one_thread_setting_and_keeps_outputs():
             assert [len(t) for t in tuner.times] == [tuner.TRIALS + 1] * block + [
                 (call + 1) % (tuner.TRIALS + 1)] + [0] * (n - block - 1)
     assert tuner.chosen is not None and len(tuner.candidates) == 1
+
+
+def test_thread_tuner_compares_candidates_per_pixel_not_per_image(monkeypatch):
+    """Candidates are timed on different calls; with multi-scale views those differ in image size. Per
+    image, a slow candidate timed on small images looked fastest."""
+    from resnet.inference import _TunedSession
+
+    clock = [0.0]
+    monkeypatch.setattr("time.perf_counter", lambda: clock[0])
+
+    class Session:  # costs `per_pixel` seconds per pixel on the fake clock
+        def __init__(self, per_pixel):
+            self.per_pixel = per_pixel
+
+        def run(self, _, feed):
+            x = feed["input"]
+            clock[0] += self.per_pixel * x.shape[0] * x.shape[-2] * x.shape[-1]
+            return [x]
+
+    tuner = object.__new__(_TunedSession)
+    tuner.candidates = [((2, True), Session(2.0)), ((2, False), Session(1.0)), ((1, True), Session(1.5))]
+    tuner.times, tuner.chosen = [[], [], []], None
+    block = tuner.TRIALS + 1
+    for call in range(3 * block):
+        side = 8 if call < block else 16  # the first candidate happens to see the small images
+        tuner.run(torch.zeros(1, 3, side, side).numpy())
+    assert tuner.chosen == (2, False)

@@ -227,3 +227,15 @@ def test_model_json_digest_catches_a_flipped_bit_and_ignores_the_checkpoint(tmp_
     weights.write_bytes(bytes(data))
     with pytest.raises(UserError, match="checksum"):
         load_model(tmp_path / "run")
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_an_exported_file_given_as_the_model_says_what_it_is(run_dir, tmp_path, fmt):
+    """It used to be called 'truncated or corrupt ... copy it again', which sends the user the wrong way."""
+    if fmt == "onnx":
+        pytest.importorskip("onnx")
+    model, meta = load_model(run_dir[0])
+    out = export_model(model, meta, fmt, tmp_path / f"m.{'pt' if fmt == 'torchscript' else 'onnx'}")
+    kind = "TorchScript" if fmt == "torchscript" else "ONNX"
+    with pytest.raises(UserError, match=f"is an? {kind} export, for other runtimes.*run directory or model"):
+        load_model(out)

@@ -43,6 +43,9 @@ def images(root: Path) -> Path:
         Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / name)
     Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(root / "gray.png")  # 1 channel
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    # 2 x 300: resized by its shorter side to the model's 16 it would be 16 x 2400; at ImageNet's 256 a
+    # 1 x 80,000 strip would need 60 GB. Refused per file like a broken one.
+    Image.fromarray(rng.integers(0, 255, (2, 300, 3), dtype=np.uint8)).save(root / "strip.png")
     (root / "notes.txt").write_text("not an image name, not picked up from a folder")
     return root
 
@@ -56,13 +59,14 @@ def test_predict_json_reports_bad_files_and_continues(tmp_path, capsys):
     captured = capsys.readouterr()
     results = json.loads(captured.out)
     by_name = {Path(r["path"]).name: r for r in results}
-    assert set(by_name) == {"a.png", "b.jpg", "c.png", "gray.png", "broken.jpg", "missing.png"}
+    assert set(by_name) == {"a.png", "b.jpg", "c.png", "gray.png", "broken.jpg", "strip.png", "missing.png"}
     for name in ("a.png", "b.jpg", "c.png", "gray.png"):
         preds = by_name[name]["predictions"]
         assert [p["label"] for p in preds] == ["zebra", "ant"]
         assert preds[0]["prob"] == pytest.approx(float(torch.softmax(torch.tensor([3.0, 2, 1]), 0)[0]), abs=1e-5)
     assert "error" in by_name["broken.jpg"] and "predictions" not in by_name["broken.jpg"]
-    assert "broken.jpg" in captured.err and "2 of 6 images failed" in captured.err
+    assert "thinner than the 100:1" in by_name["strip.png"]["error"]
+    assert "broken.jpg" in captured.err and "3 of 7 images failed" in captured.err
 
 
 def test_predict_csv_and_table(tmp_path, capsys):

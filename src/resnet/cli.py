@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         # The reader (e.g. `| head`) closed the pipe: not an error of ours; silence the flush at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:  # a path the commands did not foresee (permissions, a full disk, a name too long)
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"resnet {name}: {err.strerror or err}{where}; check the path and its permissions.", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -95,8 +95,8 @@ def _dist_info() -> tuple[int, int]:
         return 0, 1
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if not dist.is_initialized():  # one small all-reduce of counts on the CPU: gloo, whatever the device
+        dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -168,8 +168,16 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
     out = scorer.result(classes, list(ds.classes), per_class=per_class)
     if carved:
         out["val_carved"] = carved
+    # Unreadable images of this split: found by the scan, plus those a streamed loader met (on any rank).
+    met = torch.tensor([float(len(getattr(loader, "skipped", [])))])
+    if world > 1:
+        import torch.distributed as dist
+
+        met = met.cuda() if dist.get_backend() == "nccl" else met
+        dist.all_reduce(met)
+    skipped = len(getattr(ds.splits[split], "skipped", []) or []) + int(met.item())
     out.update({"model": meta.get("source"), "data": str(data), "split": split, "view": view,
-                "world_size": world, "skipped": len(getattr(ds, "skipped", []) or []),
+                "world_size": world, "skipped": skipped,
                 "images_per_s": round(out["n"] / wall, 1) if wall > 0 else None})
     out["_confusion"] = scorer.confusion
     return out

@@ -186,7 +186,13 @@ def run_exported(path: str | Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
 def check_export(model: nn.Module, meta: dict, path: str | Path, fmt: str, x: torch.Tensor | None = None) -> float:
     """Max |logit difference| between the exported file and the eager model, on a batch of 3 (a batch size
     the export was not traced with, so the dynamic batch dimension is exercised too)."""
+    return export_error(model, meta, path, fmt, x)[0]
+
+
+def export_error(model: nn.Module, meta: dict, path: str | Path, fmt: str,
+                 x: torch.Tensor | None = None) -> tuple[float, float]:
+    """(max |logit difference|, max |logit|) of the exported file against the eager model."""
     x = _example(meta, 3) if x is None else x
     with torch.inference_mode():
         ref = model.eval()(x)
-    return float((run_exported(path, fmt, x) - ref).abs().max())
+    return float((run_exported(path, fmt, x) - ref).abs().max()), float(ref.abs().max())

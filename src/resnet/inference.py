@@ -94,23 +94,29 @@ def default_threads() -> int:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu; a CUDA device that is not there is a user error."""
+    """"auto" -> cuda when available, else cpu; a CUDA device that is not there is a user error. Under
+    torchrun, "auto" and "cuda" mean this process's GPU (cuda:LOCAL_RANK), made the current device."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{name}' was asked for but this PyTorch sees no CUDA GPU; use --device cpu.")
+    if device.type == "cuda":
+        if device.index is None and "LOCAL_RANK" in os.environ:  # else every rank would share GPU 0
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     return device
 
 
 class _TunedSession:
     """ONNX Runtime sessions for one graph with different thread settings; the first calls time each in
-    turn and the fastest per image is kept. Why: on a machine shared with other work, one thread or
-    sleeping (not spinning) workers can be twice as fast as all cores spinning, and on a quiet one all
-    cores win, so the choice is measured where the model runs, not fixed."""
+    turn and the fastest per pixel is kept (calls differ in batch and, for multi-scale views, in image
+    size). Why: on a machine shared with other work, one thread or sleeping (not spinning) workers can be
+    twice as fast as all cores spinning, and on a quiet one all cores win, so the choice is measured where
+    the model runs, not fixed."""
 
     TRIALS = 3  # timed calls per candidate, after one untimed warm-up call each, candidate after candidate
 
@@ -137,7 +143,7 @@ class _TunedSession:
         i = next(j for j, t in enumerate(self.times) if len(t) <= self.TRIALS)
         start = time.perf_counter()
         out = self.candidates[i][1].run(None, {"input": x})[0]
-        self.times[i].append((time.perf_counter() - start) / max(1, x.shape[0]))
+        self.times[i].append((time.perf_counter() - start) / max(1, x.shape[0] * x.shape[-2] * x.shape[-1]))
         if all(len(t) > self.TRIALS for t in self.times):
             best = min(range(len(self.candidates)), key=lambda j: sorted(self.times[j][1:])[self.TRIALS // 2])
             self.candidates = [self.candidates[best]]
@@ -170,8 +176,12 @@ class InferenceModel:
             raise UserError(f"inference backend must be one of {', '.join(BACKENDS)}, not '{backend}'.")
         self.meta = dict(meta or {})
         self.device = torch.device(device)
-        if backend == "auto":
-            backend = "onnxruntime" if self.device.type == "cpu" and _has_onnxruntime() else "torch"
+        if backend == "auto":  # the ONNX export needs the input size that model.json records
+            usable = self.device.type == "cpu" and "input_size" in self.meta and _has_onnxruntime()
+            backend = "onnxruntime" if usable else "torch"
+        elif backend == "onnxruntime" and "input_size" not in self.meta:
+            raise UserError("the onnxruntime backend needs the model's metadata (meta with input_size, as "
+                            "load_model returns it); pass meta, or use backend='torch'.")
         self.backend = backend
         self.channels_last = channels_last
         net = fold_bn(model) if fold else copy.deepcopy(model).eval()

@@ -58,14 +58,19 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def read_pickle(path: Path, map_location="cpu") -> object:
     """`torch.load(weights_only=True)` with the failure modes turned into one sentence each."""
+    if path.suffix == ".onnx":
+        raise _an_export(path, "an ONNX")
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as zf:
                 bad = zf.testzip()  # CRC of every record: torch.load itself does not check them
+                names = zf.namelist()
         except (zipfile.BadZipFile, OSError, EOFError) as err:
             raise _corrupt(path, str(err)[:120]) from None
         if bad is not None:
             raise _corrupt(path, f"checksum mismatch in '{bad}'")
+        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+            raise _an_export(path, "a TorchScript")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
@@ -86,6 +91,11 @@ def read_pickle(path: Path, map_location="cpu") -> object:
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, AttributeError) as err:
         first = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
         raise _corrupt(path, first) from None
+
+
+def _an_export(path: Path, kind: str) -> UserError:
+    return UserError(f"'{path}' is {kind} export, for other runtimes; resnet eval and predict load the run "
+                     f"directory or model.safetensors it was exported from.")
 
 
 def pickle_globals(path: Path) -> list[str]:
@@ -121,7 +131,7 @@ def _unnest(obj: object, path: Path, trained: bool = False) -> tuple[dict[str, t
     if _is_state_dict(obj):
         return obj, {}
     if isinstance(obj, dict):
-        info = {"config": obj["config"]} if isinstance(obj.get("config"), dict) else {}
+        info = {k: obj[k] for k in ("config", "model_meta") if isinstance(obj.get(k), dict)}
         if trained and _is_state_dict(obj.get("model")):
             return obj["model"], info
         for key in _NESTED:
@@ -292,7 +302,9 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
         cfg = info.get("config") or {}
         if sidecar is not None:
             meta = _read_json(sidecar)
-        elif cfg.get("arch"):  # a training checkpoint without its model.json: rebuild the options from config
+        elif info.get("model_meta"):  # a run that has not finished: its checkpoint describes the model
+            meta = dict(info["model_meta"])
+        elif cfg.get("arch"):  # an older checkpoint without its model.json: rebuild the options from config
             arch_opts = {k: cfg.get(k) for k in ("in_chans", "shortcut", "variant", "zero_init_residual")}
             user_opts = _merge_options({k: v for k, v in arch_opts.items() if v is not None}, user_opts, weights)
             arch = arch or cfg["arch"]
@@ -365,5 +377,13 @@ def add_model_arguments(parser) -> None:
 
 
 def load_from_args(args, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    return load_model(args.model, arch=args.arch, options=parse_options(args.option), map_location=map_location,
-                      trained=getattr(args, "trained_weights", False))
+    model, meta = load_model(args.model, arch=args.arch, options=parse_options(args.option),
+                             map_location=map_location, trained=getattr(args, "trained_weights", False))
+    assumed = meta.get("assumed") or []
+    if {"mean", "std"} & set(assumed):  # scores would silently depend on a guess: say it, once
+        import sys
+
+        print(f"note: '{meta['source']}' does not record {', '.join(assumed)}; assuming the "
+              f"{model_spec(meta['arch']).family} defaults (mean {[round(v, 4) for v in meta['mean']]}, classes "
+              f"0..{len(meta['classes']) - 1}, view {meta['eval_view']}).", file=sys.stderr)
+    return model, meta

@@ -65,7 +65,7 @@ def prepare(img: torch.Tensor, meta: dict) -> torch.Tensor:
 def predict_files(predict: Callable[[torch.Tensor], torch.Tensor], meta: dict, paths: list[str], *,
                   topk: int = 5, batch_size: int = 32) -> list[dict]:
     """[{"path", "predictions": [{"label", "prob"}, ...]}] in input order; a bad file gets {"path", "error"}."""
-    from .data.decode import BadImage, decode_image
+    from .data.decode import BadImage, check_aspect, decode_image
 
     classes = list(meta["classes"])
     k = max(1, min(topk, len(classes)))
@@ -91,7 +91,7 @@ def predict_files(predict: Callable[[torch.Tensor], torch.Tensor], meta: dict, p
 
     for i, path in enumerate(paths):
         try:
-            img = torch.from_numpy(decode_image(path, in_chans))
+            img = torch.from_numpy(check_aspect(decode_image(path, in_chans)))
         except BadImage as err:
             results[i]["error"] = f"{err}"
             continue

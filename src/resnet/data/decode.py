@@ -20,6 +20,10 @@ DECODE_VERSION = 1
 # whose header claims more is refused as a decompression bomb before a single pixel is decoded.
 MAX_PIXELS = 89_478_485
 
+# Longest side over shortest side that a view may resize: the views scale the shorter side to 256-640 pixels,
+# so a 1 x 80,000 strip (within MAX_PIXELS) would become 256 x 20 million (60 GB as floats).
+MAX_ASPECT = 100
+
 # What a transparent pixel becomes: white, as the image would show on a page (documented in docs/data.md).
 BACKGROUND = (255, 255, 255)
 
@@ -35,6 +39,14 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 class BadImage(Exception):
     """A file that is not a decodable image; `str(err)` is the reason, without the path."""
+
+
+def check_aspect(arr: np.ndarray) -> np.ndarray:
+    """`arr` (C x H x W) unchanged, or BadImage when it is too thin to resize by its shorter side."""
+    h, w = arr.shape[-2:]
+    if max(h, w) > MAX_ASPECT * min(h, w):
+        raise BadImage(f"is {w}x{h}, thinner than the {MAX_ASPECT}:1 the evaluation and training views can resize")
+    return arr
 
 
 def is_image_name(name: str) -> bool:

@@ -26,7 +26,7 @@ from ..errors import UserError
 from . import views as views_mod
 from .augment import AugmentConfig, crop_flip, generator, normalize, pca_lighting, scale_crop_flip
 from .dataset import MemorySplit, SkippedImageWarning, StreamSplit
-from .decode import BadImage, decode_image
+from .decode import BadImage, check_aspect, decode_image
 from .views import ViewBatch, canonical_view, make_views, shorter_side_size
 
 AUGMENTS = ("cifar", "imagenet", "none")
@@ -208,7 +208,8 @@ class _FileSet(torch.utils.data.Dataset):
             # Draft mode: let libjpeg decode at 1/2, 1/4 or 1/8 scale when the result still has `short`
             # pixels or more on the shorter side; the resize below then has less to do.
             draft = (short, short)
-        return decode_image(self.paths[i], self.in_chans, max_pixels=self.max_pixels, draft_size=draft)
+        arr = decode_image(self.paths[i], self.in_chans, max_pixels=self.max_pixels, draft_size=draft)
+        return check_aspect(arr) if short is not None else arr
 
     def __getitem__(self, key: tuple[int, int]):
         i, epoch = key

@@ -258,6 +258,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "rng": rngs,
             "window": window,
             "wall_s": self.wall_s + self._since_start(), "train_s": self.train_s, "images": self.images,
+            "model_meta": self.model_meta(),
         }
         path = self.out / checkpoint.NAME
         try:
@@ -464,16 +465,16 @@ class Trainer:
         met = sum(len(getattr(loader, "skipped", [])) for loader in (self.train_loader, *self.eval_loaders.values()))
         return len(getattr(self.ds, "skipped", []) or []) + int(distributed.all_sum([float(met)], self.info)[0])
 
-    def _write_artifacts(self, summary: dict) -> None:
-        model = self.ema.model if self.ema is not None else self.raw
+    def model_meta(self) -> dict:
+        """What model.json says about the model (all but its metrics); every checkpoint carries it too, so a
+        run that has not finished is evaluated with its own classes, normalisation and view."""
         size = self.ds.image_size
         meta = {"arch": self.cfg.arch, "options": self.model_options, "classes": list(self.ds.classes),
-                "mean": list(self.ds.mean), "std": list(self.ds.std),
+                "mean": [float(v) for v in self.ds.mean], "std": [float(v) for v in self.ds.std],
                 "input_size": [self.cfg.in_chans, *(size or (224, 224))],
                 "eval_view": self.cfg.eval_view or (("flip" if self.cfg.tta_flip else "full") if size
                                                     else "center"),
-                "recipe": self.cfg.recipe,
-                "metrics": {k: v for k, v in summary.items() if k.endswith(("_err", "_err_trained"))}}
+                "recipe": self.cfg.recipe}
         # What `resnet eval RUN` scores when given no --data: a folder by its absolute path (the run may be
         # evaluated from another working directory), a named source by its name.
         from ..data.dataset import NAMED_SOURCES
@@ -484,6 +485,12 @@ class Trainer:
             meta["data_dir"] = str(Path(self.cfg.data_dir).expanduser().resolve())
         if self.cfg.val_size:  # used by `resnet eval --split val` only on data without its own val split
             meta["val_split"] = {"val_size": self.cfg.val_size, "seed": self.cfg.data_seed}
+        return meta
+
+    def _write_artifacts(self, summary: dict) -> None:
+        model = self.ema.model if self.ema is not None else self.raw
+        meta = {**self.model_meta(),
+                "metrics": {k: v for k, v in summary.items() if k.endswith(("_err", "_err_trained"))}}
         artifacts.save_model_artifacts(self.out, model, meta)
 
     def _write_curves(self) -> None:
