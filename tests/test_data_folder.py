@@ -252,3 +252,15 @@ def test_shared_cifar10_folder_scans_50000_in_10_classes():
 
     for p in train.paths[::2500]:
         assert decode_image(p).shape == (3, 32, 32)
+
+
+def test_a_misnamed_split_folder_is_warned_about_and_killed_builds_leave_no_temporaries(tmp_path):
+    root = make_folder(tmp_path / "d", {"train": {"a": 2}, "validation": {"a": 1}})
+    cache = tmp_path / "c"
+    cache.mkdir()
+    _, _, slot = cache_mod.cache_paths(cache, str(root), "train", "f" * 64)
+    stale = cache / f".folder-{slot}-0123.u8.npy.abc.tmp"  # left by a build that was killed
+    stale.write_bytes(b"half an array")
+    with pytest.warns(UserWarning, match="folders validation are not read; the splits must be named train, val"):
+        ds = load_dataset(root, cache_dir=cache, workers=1)
+    assert sorted(ds.splits) == ["train"] and not stale.exists()

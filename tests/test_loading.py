@@ -239,3 +239,22 @@ def test_an_exported_file_given_as_the_model_says_what_it_is(run_dir, tmp_path, 
     kind = "TorchScript" if fmt == "torchscript" else "ONNX"
     with pytest.raises(UserError, match=f"is an? {kind} export, for other runtimes.*run directory or model"):
         load_model(out)
+
+
+def test_a_state_dict_beside_a_runs_model_json_is_not_described_by_it(run_dir, tmp_path):
+    """Only checkpoint.pt goes with the model.json beside it; a downloaded .pth in that folder is another
+    model, and taking that model.json's classes and normalisation for it would be wrong."""
+    folder, model = run_dir
+    torch.save(model.state_dict(), folder / "downloaded.pth")
+    with pytest.raises(UserError, match="does not say which network it holds"):
+        load_model(folder / "downloaded.pth")
+    _, meta = load_model(folder / "downloaded.pth", arch="resnet20")
+    assert "classes" in meta["assumed"]
+
+
+def test_onnxruntime_on_a_gpu_device_is_refused_not_silently_run_on_the_cpu(run_dir):
+    from resnet.inference import InferenceModel
+
+    model, meta = load_model(run_dir[0])
+    with pytest.raises(UserError, match="onnxruntime backend runs on the CPU; use --backend torch"):
+        InferenceModel(model, meta, backend="onnxruntime", device="cuda")

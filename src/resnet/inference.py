@@ -179,6 +179,9 @@ class InferenceModel:
         if backend == "auto":  # the ONNX export needs the input size that model.json records
             usable = self.device.type == "cpu" and "input_size" in self.meta and _has_onnxruntime()
             backend = "onnxruntime" if usable else "torch"
+        elif backend == "onnxruntime" and self.device.type != "cpu":
+            raise UserError(f"the onnxruntime backend runs on the CPU; use --backend torch (or auto) for "
+                            f"{self.device}.")
         elif backend == "onnxruntime" and "input_size" not in self.meta:
             raise UserError("the onnxruntime backend needs the model's metadata (meta with input_size, as "
                             "load_model returns it); pass meta, or use backend='torch'.")

@@ -132,6 +132,7 @@ def _unnest(obj: object, path: Path, trained: bool = False) -> tuple[dict[str, t
         return obj, {}
     if isinstance(obj, dict):
         info = {k: obj[k] for k in ("config", "model_meta") if isinstance(obj.get(k), dict)}
+        info["checkpoint"] = True  # weights inside a training checkpoint (or a dict like one)
         if trained and _is_state_dict(obj.get("model")):
             return obj["model"], info
         for key in _NESTED:
@@ -300,8 +301,8 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
     else:
         state, info = _unnest(read_pickle(weights), weights, trained)
         cfg = info.get("config") or {}
-        if sidecar is not None:
-            meta = _read_json(sidecar)
+        if sidecar is not None and info.get("checkpoint"):  # a bare state dict (a downloaded .pth) in a run
+            meta = _read_json(sidecar)                       # folder is another model: not described by it
         elif info.get("model_meta"):  # a run that has not finished: its checkpoint describes the model
             meta = dict(info["model_meta"])
         elif cfg.get("arch"):  # an older checkpoint without its model.json: rebuild the options from config

@@ -29,7 +29,7 @@ CACHE_FORMAT = "resnet-data-cache/1"
 
 def cache_paths(cache_dir: Path, root: str, split: str, fingerprint: str) -> tuple[Path, Path, str]:
     """(images .npy, meta .json, slot): the slot names the (folder, split), the fingerprint its contents."""
-    slot = hashlib.sha256(f"{os.path.realpath(root)}\0{split}".encode()).hexdigest()[:12]
+    slot = hashlib.sha256(f"{os.path.realpath(root)}\0{split}".encode("utf-8", "surrogateescape")).hexdigest()[:12]
     stem = f"folder-{slot}-{fingerprint[:20]}"
     return cache_dir / f"{stem}.u8.npy", cache_dir / f"{stem}.json", slot
 
@@ -209,9 +209,10 @@ def _build_memory(
 
 
 def _remove_stale(cache_dir: Path, slot: str, keep: tuple[str, ...]) -> None:
-    """Delete older caches of the same folder and split (their folder changed since)."""
-    for p in cache_dir.glob(f"folder-{slot}-*"):
-        if p.name not in keep and not p.name.startswith("."):
+    """Delete older caches of the same folder and split (their folder changed since), and the temporary
+    files of builds that were killed (called under the slot's lock: no live build owns one)."""
+    for p in [*cache_dir.glob(f"folder-{slot}-*"), *cache_dir.glob(f".folder-{slot}-*.tmp")]:
+        if p.name not in keep:
             p.unlink(missing_ok=True)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +83,10 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[str], dict[str, ScannedSp
             f"{root} has no train, val or test folder{hint}; lay it out as "
             f"ROOT/train/<class>/<image> (and optionally ROOT/val, ROOT/test)."
         )
+    ignored = [d for d in _visible_dirs(root) if d not in SPLITS]
+    if ignored:  # e.g. "validation" or "Train": say so instead of silently training without them
+        warnings.warn(f"{root}: folders {', '.join(ignored[:5])} are not read; the splits must be named "
+                      f"train, val and test.", UserWarning, stacklevel=2)
     splits: dict[str, ScannedSplit] = {}
     for split in present:
         split_dir = root / split
