@@ -113,3 +113,36 @@ def test_quick_degradation_and_responses_end_to_end(tmp_path, capsys):
 def test_bad_depths_are_one_sentence(capsys):
     assert main(["reproduce", "degradation", "--quick", "--depths", "20,21"]) == 2
     assert "depth 21 has no CIFAR network" in capsys.readouterr().err
+
+
+def test_table6_best_is_the_least_error_and_the_paper_column_only_beside_cifar10(tmp_path):
+    """'best val error' used to be the mean over seeds, and digits errors stood beside the paper's CIFAR-10."""
+    from resnet.experiments.runner import _command, _table6
+
+    for quick, paper_cell in ((False, "| 8.75 |"), (True, "| – |")):
+        s = Settings(quick=quick, data=None, seeds=2, depths=(20,))
+        runs = plan_runs("table6", s)
+        summaries = {r.name: {"status": "finished", "val_top1_err": e} for r, e in zip(runs, (0.10, 0.20), strict=True)}
+        body, results = _table6(runs, summaries, tmp_path, tmp_path, s)
+        row = next(line for line in body.splitlines() if line.startswith("| resnet20 |"))
+        assert "| 10.00 | 15.00 ± 7.07 |" in row and row.endswith(paper_cell), row
+        assert "ResNet-1202 (7.93% in the paper) is not in this run" in body and results["split"] == "val"
+    # The re-run line names --out only when the user chose the folder (else the default layout is reused).
+    assert "--out" not in _command("table6", s, None)
+    assert f"--out {tmp_path / 'x'} " in _command("table6", s, tmp_path / "x")
+
+
+def test_an_interrupted_training_stops_the_experiment_before_any_analysis(tmp_path, monkeypatch, capsys):
+    """One SIGTERM used to skip to the next network, and the report mixed in the half-trained one."""
+    import resnet.train as train_mod
+
+    calls = []
+
+    def stopped(cfg, out):
+        calls.append(out)
+        return {"status": "interrupted", "iterations": 3}
+
+    monkeypatch.setattr(train_mod, "train", stopped)
+    res = reproduce("degradation", tmp_path / "deg", Settings(quick=True, data=None, depths=(20, 32)),
+                    runs_dir=tmp_path / "t")
+    assert res["status"] == "interrupted" and len(calls) == 1 and not (tmp_path / "deg" / "report.md").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..errors import UserError
 from ..experiments import EXPERIMENTS, Settings, reproduce
@@ -53,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
         base = f"runs/reproduce{'-quick' if args.quick else ''}"
         out, runs_dir = f"{base}/{args.experiment}", f"{base}/trainings"
     results = reproduce(args.experiment, out, settings, runs_dir=runs_dir)
+    if results.get("status") == "interrupted":
+        print("stopped: a training was interrupted and has a checkpoint; run the same command again to resume "
+              "the experiment.", file=sys.stderr)
+        return 0
     if args.format == "json":
         print_json(results)
     else:

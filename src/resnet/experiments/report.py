@@ -51,13 +51,16 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def header(title: str, *, seeds: int, n_runs: int, wall_s: float, notes: list[str], command: str) -> str:
+def header(title: str, *, seeds: int, n_runs: int, wall_s: float, notes: list[str], command: str,
+           data: str | None = None) -> str:
     m = machine_info()
     lines = [f"# {title}", "",
              f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
              f"- machine: {m['cpu']}, {m['cores']} cores at {m['mhz']} MHz"
              + (f", GPU {m['gpu']}" if "gpu" in m else ", no GPU"),
-             f"- versions: resnet {m['resnet']}, torch {m['torch']}, Python {m['python']}",
+             f"- versions: resnet {m['resnet']}, torch {m['torch']}, Python {m['python']}, "
+             f"{m.get('torch_threads', '?')} torch threads",
+             *([f"- data: {data}"] if data else []),
              f"- seeds: {seeds} per network ({n_runs} trainings); wall time of this command: {wall_s / 60:.1f} min",
              f"- re-run: `{command}` (finished trainings are reused, unfinished ones resume)"]
     if notes:

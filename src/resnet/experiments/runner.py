@@ -24,8 +24,9 @@ TITLES = {
 }
 
 
-def train_runs(runs: list[RunSpec], runs_dir: Path) -> dict[str, dict]:
-    """Train (or resume, or reuse) every run; returns each run's summary."""
+def train_runs(runs: list[RunSpec], runs_dir: Path) -> dict[str, dict] | None:
+    """Train (or resume, or reuse) every run; returns each run's summary, or None when a training was
+    stopped (SIGTERM/SIGINT): the experiment stops there, and is not analysed with a half-trained network."""
     from ..train import load_recipe, train
 
     summaries = {}
@@ -34,11 +35,14 @@ def train_runs(runs: list[RunSpec], runs_dir: Path) -> dict[str, dict]:
               + " ".join(run.all_overrides()), flush=True)
         cfg = load_recipe(run.recipe, run.all_overrides())
         summaries[run.name] = train(cfg, runs_dir / run.name)
+        if summaries[run.name].get("status") != "finished":
+            return None
     return summaries
 
 
-def _command(experiment: str, s: Settings, out: Path) -> str:
-    parts = ["resnet", "reproduce", experiment, "--out", str(out)]
+def _command(experiment: str, s: Settings, out: Path | None) -> str:
+    """The command that re-runs this experiment into the same folders (`out` None: the default layout)."""
+    parts = ["resnet", "reproduce", experiment] + (["--out", str(out)] if out is not None else [])
     if s.quick:
         parts.append("--quick")
     if s.data:
@@ -59,17 +63,21 @@ def reproduce(experiment: str, out_dir: str | Path, settings: Settings, runs_dir
     (degradation and responses need the same networks), since a finished run with the same config is reused.
     """
     out = Path(out_dir)
+    default_layout = runs_dir is not None  # the command's shared runs/reproduce*/trainings, no --out
     runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
     runs = plan_runs(experiment, settings)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     summaries = train_runs(runs, runs_dir)
+    if summaries is None:
+        return {"experiment": experiment, "status": "interrupted", "report": None}
     analyse = {"degradation": _degradation, "shortcuts": _shortcuts, "responses": _responses,
                "table6": _table6}[experiment]
     body, results = analyse(runs, summaries, runs_dir, out, settings)
     wall = time.perf_counter() - t0
     head = header(TITLES[experiment], seeds=settings.seeds, n_runs=len(runs), wall_s=wall,
-                  notes=quick_notes(settings), command=_command(experiment, settings, out))
+                  notes=quick_notes(settings), data=_data_line(settings, runs),
+                  command=_command(experiment, settings, None if default_layout else out))
     commands = "\n".join(f"resnet train --recipe {r.recipe} --out {runs_dir / r.name} "
                          + " ".join(shlex.quote(o) for o in r.all_overrides()) for r in runs)
     report = f"{head}\n{body}\n## Every training, as a command\n\n```sh\n{commands}\n```\n"
@@ -79,6 +87,15 @@ def reproduce(experiment: str, out_dir: str | Path, settings: Settings, runs_dir
                     "report": str(out / "report.md")})
     atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     return results
+
+
+def _data_line(s: Settings, runs: list[RunSpec]) -> str:
+    """What the networks were trained and scored on, for the report's header."""
+    from ..train import load_recipe
+
+    data = s.data or ("digits" if s.quick else "cifar10")
+    val_size = load_recipe(runs[0].recipe, runs[0].all_overrides()).val_size if runs else None
+    return data + (f"; {val_size} of its training images held out as the validation split" if val_size else "")
 
 
 # --- degradation -------------------------------------------------------------------------------------
@@ -97,11 +114,15 @@ def _per_net(runs: list[RunSpec], summaries: dict, runs_dir: Path) -> dict[str, 
         nets[key] = {"arch": rs[0].arch, "depth": rs[0].tags["depth"], "plain": rs[0].tags["plain"],
                      "shortcut": rs[0].shortcut, "train_err": train_err[0], "train_err_std": train_err[1],
                      "val_err": val[0], "val_err_std": val[1], "test_err": test[0], "test_err_std": test[1],
-                     "test_err_min": min((summaries[r.name].get("test_top1_err") for r in rs
-                                          if summaries[r.name].get("test_top1_err") is not None), default=None),
+                     "test_err_min": _least(summaries, rs, "test_top1_err"),
+                     "val_err_min": _least(summaries, rs, "val_top1_err"),
                      "params": _params(runs_dir / rs[0].name),
                      "train_curve": curve(metrics[0], "train"), "val_curve": curve(metrics[0], "val")}
     return nets
+
+
+def _least(summaries: dict, rs: list[RunSpec], key: str) -> float | None:
+    return min((summaries[r.name][key] for r in rs if summaries[r.name].get(key) is not None), default=None)
 
 
 def _without_curves(nets: dict[str, dict]) -> dict[str, dict]:
@@ -301,20 +322,28 @@ def _plot_responses(stds: dict[str, list[float]], order: list[str], path: Path) 
 
 def _table6(runs, summaries, runs_dir: Path, out: Path, s: Settings) -> tuple[str, dict]:
     nets = _per_net(runs, summaries, runs_dir)
+    cifar10 = not s.quick and (s.data is None or "cifar10" in str(s.data).lower())
     has_test = any(n["test_err"] is not None for n in nets.values())
     split = "test" if has_test else "val"
     rows = []
     for n in sorted(nets.values(), key=lambda n: n["depth"]):
         spec = model_spec(n["arch"])
-        best = n["test_err_min"] if has_test else n["val_err"]
+        best = n["test_err_min"] if has_test else n["val_err_min"]
         mean, spread = (n["test_err"], n["test_err_std"]) if has_test else (n["val_err"], n["val_err_std"])
         paper = spec.paper.get("top1_err")
+        paper_err = f"{paper:.2f}" + (" (6.61 ± 0.16)" if spec.depth == 110 else "") if cifar10 else "–"
         rows.append([n["arch"], f"{n['params']:,}" if n["params"] else "–", f"{spec.paper['params'] / 1e6:.2f}M",
-                     pct(best), pct(mean, spread), f"{paper:.2f}" + (" (6.61 ± 0.16)" if spec.depth == 110 else "")])
+                     pct(best), pct(mean, spread), paper_err])
+    depths = {n["depth"] for n in nets.values()}
     body = ["## Result", "",
             md_table(["network", "params", "paper params", f"best {split} error (%)", f"mean {split} error (%)",
                       "paper test error (%)"], rows), "",
-            "The paper reports the best of 5 runs (mean ± std for ResNet-110)."
-            + ("" if has_test else " This data source has no test split, so the validation error is shown; "
-               "compare like with like."), ""]
+            "The paper's Table 6 gives one run per depth, and for ResNet-110 the best of 5 runs with their mean "
+            f"± std; here every depth ran {s.seeds} time(s)."
+            + ("" if has_test else " This data source has no test split, so the validation error of networks "
+               "trained on the remaining training images is shown beside the paper's test error of networks "
+               "trained on all 50k: compare like with like.")
+            + ("" if cifar10 else " The paper's column is CIFAR-10's and is left out for this data.")
+            + ("" if 1202 in depths else " ResNet-1202 (7.93% in the paper) is not in this run; add it with "
+               "`--depths 20,32,44,56,110,1202`."), ""]
     return "\n".join(body), {"nets": _without_curves(nets), "split": split}
