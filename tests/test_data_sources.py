@@ -94,11 +94,23 @@ def test_download_wrong_checksum_leaves_nothing(tmp_path):
     assert not (tmp_path / "a.bin").exists() and not (tmp_path / "a.bin.part").exists()
 
 
-def test_download_truncated_transfer_is_a_clear_error(tmp_path):
-    body = b"z" * 3000
-    with serve(body, claim=6000) as (url, _), pytest.raises(UserError, match="cut short"):
+def test_download_cut_short_keeps_its_bytes_and_the_next_run_continues(tmp_path):
+    """A connection cut short used to delete the partial file, so the most common interruption started
+    the whole download over."""
+    body = bytes(range(256)) * 24
+    with serve(body[:3000], claim=len(body)) as (url, _), pytest.raises(UserError, match="cut short.*continues"):
         src.download(url, tmp_path / "a.bin", hashlib.md5(body).hexdigest(), timeout=5)
-    assert not (tmp_path / "a.bin").exists() and not (tmp_path / "a.bin.part").exists()
+    assert not (tmp_path / "a.bin").exists() and (tmp_path / "a.bin.part").read_bytes() == body[:3000]
+    with serve(body, ranges=True) as (url, hits):
+        src.download(url, tmp_path / "a.bin", hashlib.md5(body).hexdigest(), timeout=5)
+    assert hits == ["bytes=3000-"] and (tmp_path / "a.bin").read_bytes() == body
+
+
+def test_a_whole_part_file_left_by_a_kill_before_its_rename_is_used_without_the_network(tmp_path):
+    body = b"w" * 2000
+    (tmp_path / "a.bin.part").write_bytes(body)
+    out = src.download("http://127.0.0.1:9/none", tmp_path / "a.bin", hashlib.md5(body).hexdigest())
+    assert out.read_bytes() == body and not (tmp_path / "a.bin.part").exists()
 
 
 def test_download_resumes_a_killed_transfer(tmp_path):

@@ -64,8 +64,9 @@ def download(
 ) -> Path:
     """Fetch `url` to `dest`, verified against `md5`; `dest` appears only when complete and correct.
 
-    Bytes go to `dest.part`; an interrupted run (killed) leaves only that file and the next run continues
-    it with an HTTP range request when the server allows, else starts over. A short transfer or a wrong
+    Bytes go to `dest.part`; an interrupted transfer (a kill, or a connection cut short) leaves only that
+    file, and the next run continues it with an HTTP range request when the server allows, else starts
+    over. A `.part` that is already whole (killed before its rename) is checked and used. A wrong
     checksum raises UserError and removes the partial file.
     """
     dest = Path(dest)
@@ -73,6 +74,9 @@ def download(
     with file_lock(dest.with_name(f".{dest.name}.lock")):  # hidden: an empty marker, safe to leave
         if not dest.exists():
             part = dest.with_name(dest.name + ".part")
+            if part.exists() and md5_of(part) == md5.lower():
+                os.replace(part, dest)
+                return dest
             if not _fetch(url, part, timeout, chunk, resume=True):
                 _fetch(url, part, timeout, chunk, resume=False)  # the server refused our range: start over
             actual = md5_of(part)
@@ -121,17 +125,15 @@ def _fetch(url: str, part: Path, timeout: float, chunk: int, *, resume: bool) ->
                     got += len(block)
                 f.flush()
                 os.fsync(f.fileno())
-        except (http.client.IncompleteRead, OSError) as err:
-            part.unlink(missing_ok=True)
+        except (http.client.IncompleteRead, OSError) as err:  # the bytes so far stay in `part`
             raise UserError(
                 f"the download of {url} was cut short after {got:,} bytes ({type(err).__name__}); "
-                f"run the command again."
+                f"run the command again: it continues from there."
             ) from None
     if expected is not None and got != expected:
-        part.unlink(missing_ok=True)
         raise UserError(
             f"the download of {url} was cut short: {got:,} of {expected:,} bytes arrived; "
-            f"run the command again."
+            f"run the command again: it continues from there."
         )
     return True
 
