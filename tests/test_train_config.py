@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
 
 import pytest
@@ -170,13 +169,11 @@ def test_cuda_run_resumes_from_its_checkpoint(tmp_path):
     assert again["iterations"] == first["iterations"] == 12 and again["test_top1_err"] == first["test_top1_err"]
 
 
-def test_outputs_are_readable_like_other_files_and_stale_temporaries_are_removed(tmp_path):
-    """Atomic writes used mkstemp's private 0600 mode; they now follow the umask like any written file."""
-    old = os.umask(0o022)
-    try:
-        artifacts.atomic_write_bytes(tmp_path / "a.json", b"{}")
-    finally:
-        os.umask(old)
+def test_outputs_are_readable_like_other_files_and_stale_temporaries_are_removed(tmp_path, monkeypatch):
+    """Atomic writes used mkstemp's private 0600 mode; they now follow the umask like any written file
+    (the process's, read once at import)."""
+    monkeypatch.setattr(artifacts, "_UMASK", 0o022)
+    artifacts.atomic_write_bytes(tmp_path / "a.json", b"{}")
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
     for name in (".checkpoint.pt.x1.tmp", ".curves.png.tmp.png"):  # left by processes killed mid-write
         (tmp_path / name).write_bytes(b"partial")

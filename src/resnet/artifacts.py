@@ -24,10 +24,15 @@ from safetensors.torch import save as save_safetensors
 FORMAT = "resnet-model/1"
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once, at import: reading it means setting it for a moment, and a file another thread created in that
+# moment (a TensorBoard writer during a checkpoint) would be world-writable.
+_UMASK = _read_umask()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview,
@@ -39,7 +44,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview,
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make outputs private to their writer
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make outputs private to their writer
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

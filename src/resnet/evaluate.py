@@ -29,6 +29,17 @@ def class_mapping(model_classes: list[str], data_classes: list[str]) -> torch.Te
     return torch.tensor([index[c] for c in data_classes], dtype=torch.long)
 
 
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """CPU tensor `t` summed element-wise over the torch.distributed ranks (itself outside them)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    t = t.cuda() if dist.get_backend() == "nccl" else t.clone()
+    dist.all_reduce(t)
+    return t.cpu()
+
+
 class Scorer:
     """Running sums for top-1/top-5 error: a confusion matrix (true x predicted, model indices) and top-5 hits."""
 
@@ -46,16 +57,9 @@ class Scorer:
 
     def all_reduce(self) -> None:
         """Sum over ranks (a no-op outside torch.distributed)."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flat = torch.cat([self.confusion.flatten(), self.top5_hits.view(1)])
-            if dist.get_backend() == "nccl":
-                flat = flat.cuda()
-            dist.all_reduce(flat)
-            flat = flat.cpu()
-            self.confusion = flat[:-1].view_as(self.confusion).clone()
-            self.top5_hits = flat[-1].clone()
+        flat = sum_over_ranks(torch.cat([self.confusion.flatten(), self.top5_hits.view(1)]))
+        self.confusion = flat[:-1].view_as(self.confusion).clone()
+        self.top5_hits = flat[-1].clone()
 
     def result(self, classes: list[str], data_classes: list[str] | None = None, per_class: bool = False) -> dict:
         n = int(self.confusion.sum())
@@ -169,12 +173,7 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
     if carved:
         out["val_carved"] = carved
     # Unreadable images of this split: found by the scan, plus those a streamed loader met (on any rank).
-    met = torch.tensor([float(len(getattr(loader, "skipped", [])))])
-    if world > 1:
-        import torch.distributed as dist
-
-        met = met.cuda() if dist.get_backend() == "nccl" else met
-        dist.all_reduce(met)
+    met = sum_over_ranks(torch.tensor([len(getattr(loader, "skipped", []))]))
     skipped = len(getattr(ds.splits[split], "skipped", []) or []) + int(met.item())
     out.update({"model": meta.get("source"), "data": str(data), "split": split, "view": view,
                 "world_size": world, "skipped": skipped,

@@ -27,7 +27,7 @@ from . import views as views_mod
 from .augment import AugmentConfig, crop_flip, generator, normalize, pca_lighting, scale_crop_flip
 from .dataset import MemorySplit, SkippedImageWarning, StreamSplit
 from .decode import BadImage, check_aspect, decode_image
-from .views import ViewBatch, canonical_view, make_views, shorter_side_size
+from .views import ViewBatch, averages_probs, canonical_view, make_views, shorter_side_size
 
 AUGMENTS = ("cifar", "imagenet", "none")
 
@@ -371,7 +371,7 @@ class StreamLoader(_Loader):
             n = x.shape[0]
             v = normalize(x.to(dev).flatten(0, 1), self.mean, self.std)
             owner = torch.arange(n, device=dev).repeat_interleave(10)
-            return ViewBatch([(self._finish(v), owner)], n, probs=True), y
+            return ViewBatch([(self._finish(v), owner)], n, probs=averages_probs(self.mode)), y
         if self.mode == "multiscale":
             groups = []
             for owner, per_scale in enumerate(x):
@@ -380,7 +380,7 @@ class StreamLoader(_Loader):
                     if self.cfg.multiscale_flip:
                         v = torch.cat([v, v.flip(-1)])
                     groups.append((self._finish(v), torch.full((len(v),), owner, device=dev)))
-            return ViewBatch(groups, len(x), probs=True), y
+            return ViewBatch(groups, len(x), probs=averages_probs(self.mode)), y
         if isinstance(x, list):  # pragma: no cover - guarded in __init__
             raise UserError("images of different sizes cannot share a batch in the full view.")
         xf = normalize(x.to(dev, non_blocking=True), self.mean, self.std)

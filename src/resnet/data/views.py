@@ -116,27 +116,37 @@ class ViewBatch:
         of its averaged softmax scores)."""
         total, count = None, None
         for views, owner in self.groups:
-            out = model(views)
-            if self.probs:
-                out = out.float().softmax(1)
+            out = _scores(model(views), self.probs)
             if total is None:
                 total = out.new_zeros(self.n, out.shape[1])
                 count = out.new_zeros(self.n, 1)
             total.index_add_(0, owner, out)
             count.index_add_(0, owner, out.new_ones(len(owner), 1))
-        mean = total / count
-        return mean.clamp_min(torch.finfo(mean.dtype).tiny).log() if self.probs else mean
+        return _as_logits(total / count, self.probs)
 
 
 # The views whose scores are averaged as probabilities (see the module's docstring).
 PROB_AVERAGED = ("10crop", "multiscale")
 
 
+def averages_probs(view: str) -> bool:
+    return canonical_view(view) in PROB_AVERAGED
+
+
+def _scores(logits: torch.Tensor, probs: bool) -> torch.Tensor:
+    """What is averaged over views: softmax scores (`probs`) or the logits themselves."""
+    return logits.float().softmax(1) if probs else logits
+
+
+def _as_logits(mean: torch.Tensor, probs: bool) -> torch.Tensor:
+    """Averaged scores back as logits: the log of averaged probabilities (softmax of it gives them back)."""
+    return mean.clamp_min(torch.finfo(mean.dtype).tiny).log() if probs else mean
+
+
 def combine_views(out: torch.Tensor, view: str) -> torch.Tensor:
     """V x classes logits of one image's views -> its classes logits, by the rule of `view`."""
-    if canonical_view(view) in PROB_AVERAGED:
-        return out.float().softmax(1).mean(0).clamp_min(torch.finfo(torch.float32).tiny).log()
-    return out.mean(0)
+    probs = averages_probs(view)
+    return _as_logits(_scores(out, probs).mean(0), probs)
 
 
 def stacked_views(x: torch.Tensor, probs: bool = False) -> ViewBatch:
@@ -157,9 +167,9 @@ def make_views(x: torch.Tensor, view: str, cfg: AugmentConfig | None = None) -> 
     if view == "center":
         return center_view(x, cfg.resize, cfg.crop)
     if view == "10crop":
-        return stacked_views(ten_crop(x, cfg.resize, cfg.crop), probs=True)
+        return stacked_views(ten_crop(x, cfg.resize, cfg.crop), probs=averages_probs(view))
     groups = [stacked_views(m).groups[0] for m in multiscale(x, cfg.scales, cfg.multiscale_flip)]
-    return ViewBatch(groups, x.shape[0], probs=True)
+    return ViewBatch(groups, x.shape[0], probs=averages_probs(view))
 
 
 def view_logits(model, x: torch.Tensor | ViewBatch) -> torch.Tensor:

@@ -209,6 +209,7 @@ _CHOICES = {
     "schedule": ("multistep", "plateau", "cosine", "onecycle"),
     "augment": ("cifar", "imagenet", "none"),
 }
+_AT_LEAST_OR_NULL = {"threads": 1, "num_workers": 0}  # null: the default for this machine
 _POSITIVE = ("batch_size", "ref_batch_size", "max_iters", "eval_every", "log_every", "checkpoint_every",
              "eval_batch_size", "in_chans")
 
@@ -229,11 +230,10 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"setting 'ema_decay' must be in [0, 1), not {cfg.ema_decay}.")
     if not 0 <= cfg.label_smoothing < 1:
         raise UserError(f"setting 'label_smoothing' must be in [0, 1), not {cfg.label_smoothing}.")
-    for key in ("threads", "num_workers"):  # None: the default for this machine
+    for key, least in _AT_LEAST_OR_NULL.items():
         value = getattr(cfg, key)
-        if value is not None and value < (1 if key == "threads" else 0):
-            raise UserError(f"setting '{key}' must be at least {1 if key == 'threads' else 0} (or null for "
-                            f"the default), not {value}.")
+        if value is not None and value < least:
+            raise UserError(f"setting '{key}' must be at least {least} (or null for the default), not {value}.")
     for key in ("momentum", "weight_decay"):
         if getattr(cfg, key) < 0:
             raise UserError(f"setting '{key}' must not be negative, not {getattr(cfg, key)}.")
