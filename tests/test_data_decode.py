@@ -63,6 +63,20 @@ def test_palette_with_transparency_composited_on_white(tmp_path):
     assert tuple(out[:, 1, 1]) == (255, 255, 255)  # transparent blue becomes the white background
 
 
+@pytest.mark.parametrize(
+    "mode, transparent, opaque",
+    [("L", 0, 200), ("RGB", (0, 0, 0), (200, 10, 10))],
+)
+def test_grey_and_rgb_png_with_a_trns_colour_composited_on_white(tmp_path, mode, transparent, opaque):
+    # A tRNS chunk in an L or RGB PNG names one grey level or colour as transparent; it shows as the page.
+    img = Image.new(mode, (3, 3), transparent)
+    img.putpixel((1, 1), opaque)
+    img.save(tmp_path / "t.png", transparency=transparent)
+    out = decode_image(tmp_path / "t.png")
+    assert tuple(out[:, 0, 0]) == (255, 255, 255)
+    assert tuple(out[:, 1, 1]) == ((opaque,) * 3 if mode == "L" else opaque)
+
+
 def test_rgba_alpha_composited(tmp_path):
     arr = np.zeros((2, 2, 4), np.uint8)
     arr[0, 0] = (10, 20, 30, 255)  # opaque

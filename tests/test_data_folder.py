@@ -118,6 +118,24 @@ def test_memory_path_decodes_exactly_and_caches(tmp_path):
     assert len(third.splits["train"]) == 6 and len(list(cache.glob("*.npy"))) == 2
 
 
+def test_a_file_replaced_with_its_old_size_and_mtime_is_decoded_again(tmp_path):
+    # cp -p, rsync -t and tar set the mtime back: size and mtime alone would serve the old pixels.
+    root = make_folder(tmp_path / "d", {"train": {"a": 2, "b": 2}})
+    cache = tmp_path / "cache"
+    first = load_dataset(root, cache_dir=cache, workers=1)
+    target = root / "train" / "b" / "000.png"
+    old = target.stat()
+    replacement = tmp_path / "other.png"
+    Image.fromarray(pixel(1, 5)).save(replacement)  # same flat image size, other colour
+    assert replacement.stat().st_size == old.st_size
+    os.replace(replacement, target)
+    os.utime(target, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+    again = load_dataset(root, cache_dir=cache, workers=1)
+    assert tuple(first.splits["train"].images[2, :, 0, 0].tolist()) == tuple(pixel(1, 0)[0, 0])
+    assert tuple(again.splits["train"].images[2, :, 0, 0].tolist()) == tuple(pixel(1, 5)[0, 0])
+
+
 def test_mean_std_per_channel_from_train(tmp_path):
     root = make_folder(tmp_path / "d", {"train": {"a": 2, "b": 2}})
     ds = load_dataset(root, cache_dir=tmp_path / "c", workers=1)

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 # Bump when decoding changes what pixels come out, so caches made by the old code are not reused.
-DECODE_VERSION = 1
+DECODE_VERSION = 2  # 2: PNG tRNS transparency in L and RGB images composited onto white
 
 # Largest image (in pixels) we agree to decode: Pillow's own default limit (about 89 megapixels). A file
 # whose header claims more is refused as a decompression bomb before a single pixel is decoded.
@@ -110,7 +110,8 @@ def to_array(img: Image.Image, in_chans: int = 3) -> np.ndarray:
             gray = np.clip((arr * 255 + hi // 2) // hi, 0, 255).astype(np.uint8)
         out = gray[None]
         return np.repeat(out, 3, axis=0) if in_chans == 3 else out
-    if mode == "P" and "transparency" in img.info:
+    if mode in ("P", "L", "RGB") and "transparency" in img.info:
+        # A PNG tRNS chunk (one transparent index, grey level or colour): Pillow applies it on the way to RGBA.
         img = img.convert("RGBA")
     elif mode == "P":
         img = img.convert("RGB")

@@ -24,15 +24,17 @@ class ScannedSplit:
     name: str
     paths: list[str] = field(default_factory=list)  # absolute
     labels: list[int] = field(default_factory=list)
-    stats: list[tuple[str, int, int]] = field(default_factory=list)  # (relative path, bytes, mtime_ns)
+    # (relative path, bytes, mtime_ns, ctime_ns, inode): mtime can be set by hand (cp -p, rsync -t, tar), so a
+    # file replaced by another of the same size and mtime would pass; its ctime and inode change all the same.
+    stats: list[tuple[str, int, int, int, int]] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)  # the classes this split's folder holds
 
     def fingerprint(self, *extra: object) -> str:
-        """A hash of the file list, sizes, mtimes and `extra` (decode settings): changes when any does."""
+        """A hash of the file list, its sizes, mtimes, ctimes and inodes, and `extra` (decode settings)."""
         h = hashlib.sha256()
-        for rel, size, mtime in self.stats:
+        for rel, *numbers in self.stats:
             # surrogateescape: a file name that is not UTF-8 (a Latin-1 name on Linux) hashes as its bytes
-            h.update(f"{rel}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
+            h.update((rel + "".join(f"\0{n}" for n in numbers) + "\n").encode("utf-8", "surrogateescape"))
         h.update(repr(extra).encode())
         return h.hexdigest()
 
@@ -106,7 +108,9 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[str], dict[str, ScannedSp
             for e in files:
                 st = e.stat()
                 scanned.paths.append(e.path)
-                scanned.stats.append((os.path.relpath(e.path, root), st.st_size, st.st_mtime_ns))
+                scanned.stats.append(
+                    (os.path.relpath(e.path, root), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                )
         splits[split] = scanned
     if "train" in splits:
         classes = splits["train"].class_names
@@ -121,6 +125,6 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[str], dict[str, ScannedSp
         classes = sorted({c for s in splits.values() for c in s.class_names})
     index = {c: i for i, c in enumerate(classes)}
     for split in splits.values():
-        for rel, _, _ in split.stats:
+        for rel, *_ in split.stats:
             split.labels.append(index[Path(rel).parts[1]])
     return classes, splits
