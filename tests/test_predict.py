@@ -115,3 +115,18 @@ def test_prepare_uses_the_models_view_and_normalisation():
 def test_no_images_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no image files found"):
         find_images([str(tmp_path)])
+
+
+def test_a_folder_is_searched_through_linked_subfolders_once(tmp_path):
+    # Photos often sit in a folder linked in from elsewhere; a link back up the tree must not loop.
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.new("RGB", (4, 4)).save(outside / "b.png")
+    top = tmp_path / "photos"
+    top.mkdir()
+    Image.new("RGB", (4, 4)).save(top / "a.png")
+    (top / ".thumbs").mkdir()
+    Image.new("RGB", (4, 4)).save(top / ".thumbs" / "a.png")
+    (top / "linked").symlink_to(outside, target_is_directory=True)
+    (top / "loop").symlink_to(top, target_is_directory=True)
+    assert find_images([str(top)]) == [str(top / "a.png"), str(top / "linked" / "b.png")]

@@ -6,7 +6,6 @@ to the model's input size by its evaluation view, and run in batches.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,16 +15,15 @@ from .errors import UserError
 
 
 def find_images(inputs: list[str]) -> list[str]:
-    """Files named directly, plus every image file under named directories (recursively, sorted)."""
-    from .data.decode import is_image_name
+    """Files named directly, plus every image file under named directories (recursively, sorted, by the
+    ImageFolder scan's rules: hidden names skipped, linked folders followed once, loops skipped)."""
+    from .data.folder import image_files_under
 
     out: list[str] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(str(Path(root) / f) for root, _, files in os.walk(p) for f in files
-                           if is_image_name(f))
-            out.extend(found)
+            out.extend(e.path for e in image_files_under(p))
         else:
             out.append(str(p))  # a missing file is reported per file, like a bad one
     if not out:

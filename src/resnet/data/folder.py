@@ -44,8 +44,8 @@ def _visible_dirs(path: Path) -> list[str]:
         return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
 
 
-def _class_files(path: Path) -> list[os.DirEntry]:
-    """Image files in one class folder and its visible subfolders, sorted by path. A linked folder is
+def image_files_under(path: Path) -> list[os.DirEntry]:
+    """Image files in a folder (a class folder) and its visible subfolders, sorted by path. A linked folder is
     followed once: a link back up the tree (a loop) is skipped, so no image is read twice."""
     out = []
     stack = [path]
@@ -100,7 +100,7 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[str], dict[str, ScannedSp
             )
         scanned = ScannedSplit(split, class_names=class_names)
         for name in class_names:
-            files = _class_files(split_dir / name)
+            files = image_files_under(split_dir / name)
             if not files:
                 raise UserError(
                     f"the class folder {split_dir / name} holds no images; add some or remove it."
