@@ -146,3 +146,26 @@ def test_an_interrupted_training_stops_the_experiment_before_any_analysis(tmp_pa
     res = reproduce("degradation", tmp_path / "deg", Settings(quick=True, data=None, depths=(20, 32)),
                     runs_dir=tmp_path / "t")
     assert res["status"] == "interrupted" and len(calls) == 1 and not (tmp_path / "deg" / "report.md").exists()
+
+
+def test_full_responses_trains_the_networks_of_fig7_only():
+    runs = plan_runs("responses", Settings(quick=False, data=None))
+    assert [r.arch for r in runs] == ["plain20", "resnet20", "plain56", "resnet56", "resnet110"]
+    asked = plan_runs("responses", Settings(quick=False, data=None, depths=(110,)))
+    assert [r.arch for r in asked] == ["plain110", "resnet110"]  # depths the user names are trained both ways
+
+
+def test_default_layout_keeps_other_data_and_iterations_apart(tmp_path, monkeypatch):
+    from resnet.commands.reproduce import default_base
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a" / "cifar10").mkdir(parents=True)
+    (tmp_path / "b" / "cifar10").mkdir(parents=True)
+    bases = [default_base(False, None, None), default_base(True, None, None), default_base(True, None, 50),
+             default_base(True, "digits", None), default_base(True, "a/cifar10", None),
+             default_base(True, "b/cifar10", None), default_base(False, "cifar100", None)]
+    assert bases[:2] == ["runs/reproduce", "runs/reproduce-quick"]
+    assert len(set(bases)) == len(bases)
+    assert default_base(False, "cifar10", None) == "runs/reproduce"  # the default source named
+    assert default_base(True, str(tmp_path / "a" / "cifar10") + "/", None) == bases[4]  # one folder, one name
+    assert all(b.startswith("runs/") and "/" not in b[len("runs/"):] for b in bases)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
+import re
 import sys
 
 from ..errors import UserError
@@ -18,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"one of {', '.join(EXPERIMENTS)}")
     parser.add_argument("--data", help="data source (default: CIFAR-10; with --quick, the embedded digits set)")
     parser.add_argument("--out", help="report directory, trainings under OUT/runs (default: "
-                        "runs/reproduce[-quick]/EXPERIMENT, trainings shared in runs/reproduce[-quick]/trainings)")
+                        "runs/reproduce[-quick][-DATA][-itersN]/EXPERIMENT, trainings shared in "
+                        "runs/reproduce[-quick][-DATA][-itersN]/trainings)")
     parser.add_argument("--quick", action="store_true",
                         help="reduced settings (stated in the report) that finish in minutes on a laptop CPU")
     parser.add_argument("--seeds", type=int, default=1, help="trainings per network (mean and spread)")
@@ -41,6 +45,25 @@ def _depths(text: str | None) -> tuple[int, ...] | None:
     return depths
 
 
+def default_base(quick: bool, data: str | None, max_iters: int | None) -> str:
+    """The folder the default layout uses for these settings. Trainings made with other data or another
+    iteration count are other networks: each such setting gets its own folder, so runs never meet one of
+    another setting's under the same name (which train() would refuse) and reports never overwrite each other."""
+    base = "runs/reproduce" + ("-quick" if quick else "")
+    default = None if quick else "cifar10"
+    if data and data != default:
+        if os.sep in data or os.path.exists(data):  # a folder: its name, and which folder it is
+            path = os.path.abspath(os.path.expanduser(data))
+            name = os.path.basename(path.rstrip(os.sep)) or "data"
+            tag = f"{name}-{hashlib.sha256(path.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+        else:
+            tag = data
+        base += "-" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", tag).strip("._") or "data")
+    if max_iters:
+        base += f"-iters{max_iters}"
+    return base
+
+
 def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise UserError(f"--seeds must be at least 1, not {args.seeds}.")
@@ -51,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         out, runs_dir = args.out, None  # trainings under OUT/runs
     else:  # experiments share their trainings (degradation and responses need the same networks)
-        base = f"runs/reproduce{'-quick' if args.quick else ''}"
+        base = default_base(args.quick, args.data, args.max_iters)
         out, runs_dir = f"{base}/{args.experiment}", f"{base}/trainings"
     results = reproduce(args.experiment, out, settings, runs_dir=runs_dir)
     if results.get("status") == "interrupted":

@@ -47,6 +47,9 @@ QUICK_DATA = {"max_iters": 200, "batch_size": 64, "ref_batch_size": 64, "eval_ev
               "checkpoint_every": 100, "val_size": 1000, "depths": (20, 56)}
 FULL_DEPTHS = {"degradation": (20, 32, 44, 56), "shortcuts": (32,), "responses": (20, 56, 110),
                "table6": (20, 32, 44, 56, 110)}
+# Fig. 7 shows plain-20 and plain-56 beside ResNet-20, 56 and 110: the full responses experiment trains no
+# plain-110 (a 64k-iteration training the figure does not use).
+FULL_PLAIN_DEPTHS = {"responses": (20, 56)}
 
 
 def quick_notes(s: Settings) -> list[str]:
@@ -117,6 +120,9 @@ def plan_runs(experiment: str, s: Settings) -> list[RunSpec]:
             for prefix, shortcut in kinds:
                 arch = f"{prefix}{depth}"
                 if prefix == "plain" and depth > 110:
+                    continue
+                if prefix == "plain" and not (s.quick or s.depths) and depth not in FULL_PLAIN_DEPTHS.get(
+                        experiment, (depth,)):
                     continue
                 recipe, over = _base(arch, s)
                 name = arch + (f"-{shortcut}" if shortcut else "") + f"-seed{seed}"

@@ -289,7 +289,8 @@ def _responses(runs, summaries, runs_dir: Path, out: Path, s: Settings) -> tuple
             "",
             md_table(["network", "3x3 layers", "mean std", "max std", "median std"], rows), "",
             "Response: the output of each 3x3 layer after its BN, before ReLU and addition, on the validation "
-            "split; std over every element (images, channels, positions).", ""]
+            "split; std over every element (images, channels, positions)"
+            + (" of seed 0's networks." if s.seeds > 1 else "."), ""]
     if plotted:
         body += ["![std of layer responses, by layer index (top) and sorted by magnitude (bottom)](responses.png)", ""]
     return "\n".join(body), {"stds": stds, "pairs": pairs, "resnet_means_by_depth": res_means}
