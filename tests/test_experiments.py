@@ -106,8 +106,9 @@ def test_quick_degradation_and_responses_end_to_end(tmp_path, capsys):
     assert [len(res["stds"][a]) for a in ("plain20", "resnet20", "plain32", "resnet32")] == [19, 19, 31, 31]
     assert all(v > 0 for v in res["stds"]["resnet32"])
     assert "responses.png" in (tmp_path / "resp" / "report.md").read_text()
+    assert "before ReLU and addition, on the test split" in (tmp_path / "resp" / "report.md").read_text()
     saved = json.loads((tmp_path / "resp" / "results.json").read_text())
-    assert saved["experiment"] == "responses" and saved["quick"] is True
+    assert saved["experiment"] == "responses" and saved["quick"] is True and saved["split"] == "test"
 
 
 def test_bad_depths_are_one_sentence(capsys):

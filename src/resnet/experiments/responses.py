@@ -1,5 +1,5 @@
 """Layer responses (Fig. 7): the standard deviation of every 3x3 layer's output, after its BN and before
-the ReLU or the shortcut addition, over a data split.
+the ReLU or the shortcut addition, over a data split (the test split; the validation split when there is none).
 
 We take the std over every element of a layer's response (images, channels, positions) of the whole
 split, accumulated in float64; the paper does not say how it pooled, and this choice compares layers and

@@ -238,7 +238,9 @@ def _shortcuts(runs, summaries, runs_dir: Path, out: Path, s: Settings) -> tuple
 
 # --- responses ---------------------------------------------------------------------------------------
 
-def _val_batches(run_dir: Path, meta: dict, batch_size: int = 256):
+def _response_batches(run_dir: Path, meta: dict, batch_size: int = 256):
+    """(split name, batches) for the layer responses: the test split, where CIFAR-10's figures are measured,
+    or the held-out validation split when the data has no test split."""
     import yaml
 
     from ..data import load_dataset, make_loader
@@ -246,21 +248,24 @@ def _val_batches(run_dir: Path, meta: dict, batch_size: int = 256):
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     ds = load_dataset(cfg["data"], data_dir=cfg.get("data_dir"), cache_dir=cfg.get("cache_dir"),
                       in_chans=cfg["in_chans"], val_size=cfg.get("val_size"), seed=cfg.get("data_seed", 0))
-    split = ds.splits["val"] if "val" in ds.splits else ds.splits["test"]
-    loader = make_loader(split, batch_size, train=False, augment="none", mean=meta["mean"], std=meta["std"],
-                         eval_view=cfg.get("eval_view"))
-    return loader.iter_epoch(0)
+    name = "test" if "test" in ds.splits else "val"
+    loader = make_loader(ds.splits[name], batch_size, train=False, augment="none", mean=meta["mean"],
+                         std=meta["std"], eval_view=cfg.get("eval_view"))
+    return name, loader.iter_epoch(0)
 
 
 def _responses(runs, summaries, runs_dir: Path, out: Path, s: Settings) -> tuple[str, dict]:
     from ..loading import load_model
 
     stds: dict[str, list[float]] = {}
+    splits = set()
     for r in runs:
         if r.seed != 0:
             continue
         model, meta = load_model(runs_dir / r.name)
-        stds[r.arch] = [v for _, v in response_stds(model, _val_batches(runs_dir / r.name, meta))]
+        split, batches = _response_batches(runs_dir / r.name, meta)
+        splits.add(split)
+        stds[r.arch] = [v for _, v in response_stds(model, batches)]
     order = sorted(stds, key=lambda a: (model_spec(a).depth, a.startswith("resnet")))
     rows = []
     for arch in order:
@@ -288,12 +293,13 @@ def _responses(runs, summaries, runs_dir: Path, out: Path, s: Settings) -> tuple
             + (" (" + ", ".join(f"ResNet-{d}: {m:.3f}" for d, m in res_means) + ")." if len(res_means) > 1 else "."),
             "",
             md_table(["network", "3x3 layers", "mean std", "max std", "median std"], rows), "",
-            "Response: the output of each 3x3 layer after its BN, before ReLU and addition, on the validation "
-            "split; std over every element (images, channels, positions)"
+            "Response: the output of each 3x3 layer after its BN, before ReLU and addition, on the "
+            + " and ".join(sorted(splits)) + " split; std over every element (images, channels, positions)"
             + (" of seed 0's networks." if s.seeds > 1 else "."), ""]
     if plotted:
         body += ["![std of layer responses, by layer index (top) and sorted by magnitude (bottom)](responses.png)", ""]
-    return "\n".join(body), {"stds": stds, "pairs": pairs, "resnet_means_by_depth": res_means}
+    return "\n".join(body), {"stds": stds, "pairs": pairs, "resnet_means_by_depth": res_means,
+                              "split": " and ".join(sorted(splits))}
 
 
 def _plot_responses(stds: dict[str, list[float]], order: list[str], path: Path) -> bool:
