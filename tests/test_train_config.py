@@ -64,6 +64,8 @@ def test_fast_recipe_says_it_is_not_the_paper():
     ("momentum=-0.9", ["'momentum' must not be negative"]),
     ("weight_decay=-1e-4", ["'weight_decay' must not be negative"]),
     ("momentum=0", ["'nesterov' needs a positive momentum"]),  # with nesterov on, as cifar10-fast has it
+    ("mean=[0.5,0.5]", ["'mean' needs one value per input channel (3)"]),
+    ("std=[0.2,0,0.2]", ["'std' must be positive"]),
 ])
 def test_bad_overrides_are_one_sentence_naming_the_key(override, words):
     with pytest.raises(UserError) as err:

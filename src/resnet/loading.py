@@ -274,12 +274,15 @@ def _read_json(path: Path) -> dict:
 
 
 def load_model(path: str | Path, *, arch: str | None = None, options: dict | None = None,
-               map_location: str | torch.device = "cpu", trained: bool = False) -> tuple[nn.Module, dict]:
+               map_location: str | torch.device = "cpu", trained: bool = False,
+               bare_only: bool = False) -> tuple[nn.Module, dict]:
     """(model in eval mode, metadata as in model.json) from a run dir, safetensors, checkpoint or state dict.
 
     `arch` and `options` are needed only for files that do not describe themselves (torchvision/timm state
-    dicts); when given for one that does, they must agree with it. meta["source"] is the weights file,
-    meta["bn_folded"] tells whether the model came with BatchNorm already folded (from `resnet export`).
+    dicts); when given for one that does, they must agree with it, unless `bare_only`: then they describe
+    only a bare state dict, and a file that describes itself is loaded as it says (the caller compares).
+    meta["source"] is the weights file, meta["bn_folded"] tells whether the model came with BatchNorm
+    already folded (from `resnet export`).
     """
     path = Path(path)
     user_opts = dict(options or {})
@@ -307,9 +310,13 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
             meta = dict(info["model_meta"])
         elif cfg.get("arch"):  # an older checkpoint without its model.json: rebuild the options from config
             arch_opts = {k: cfg.get(k) for k in ("in_chans", "shortcut", "variant", "zero_init_residual")}
+            if bare_only:
+                arch, user_opts = None, {}
             user_opts = _merge_options({k: v for k, v in arch_opts.items() if v is not None}, user_opts, weights)
             arch = arch or cfg["arch"]
     state = clean_state_dict(state)
+    if meta is not None and bare_only:
+        arch, user_opts = None, {}
     if meta is not None:
         if arch is not None and arch != meta["arch"]:
             raise UserError(f"--arch {arch} contradicts the architecture {meta['arch']} recorded with "

@@ -42,11 +42,14 @@ class TrainConfig:
     eval_view: str | None = None
     num_workers: int | None = None
     strict_data: bool = False
+    mean: list[float] | None = None  # per-channel normalisation instead of the training split's own statistics
+    std: list[float] | None = None
     # model (see resnet.create_model)
     arch: str = "resnet20"
     shortcut: str | None = None
     variant: str = "v1"
     zero_init_residual: bool = False
+    init_from: str | None = None  # weights to start from (fine-tuning): a run, model.safetensors, checkpoint or .pth
     # optimisation
     batch_size: int = 128  # images per step over all processes
     ref_batch_size: int = 128  # lr and every iteration count below are stated for this batch
@@ -239,6 +242,12 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"setting '{key}' must not be negative, not {getattr(cfg, key)}.")
     if cfg.nesterov and cfg.momentum <= 0:
         raise UserError("setting 'nesterov' needs a positive momentum; set nesterov=false or momentum=0.9.")
+    for key in ("mean", "std"):
+        value = getattr(cfg, key)
+        if value is not None and len(value) != cfg.in_chans:
+            raise UserError(f"setting '{key}' needs one value per input channel ({cfg.in_chans}), not {value}.")
+    if cfg.std is not None and min(cfg.std) <= 0:
+        raise UserError(f"setting 'std' must be positive, not {cfg.std}.")
     if sorted(cfg.milestones) != list(cfg.milestones):
         raise UserError(f"setting 'milestones' must be increasing iteration counts, not {cfg.milestones}.")
 

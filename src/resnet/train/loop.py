@@ -151,7 +151,11 @@ class Trainer:
         self.ds = data_api.load_dataset(cfg.data, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir,
                                         in_chans=cfg.in_chans, val_size=cfg.val_size, seed=cfg.data_seed,
                                         strict=cfg.strict_data)
-        common = dict(mean=self.ds.mean, std=self.ds.std, seed=cfg.seed, rank=info.rank,
+        # The training split's own per-channel statistics, unless the settings name others (fine-tuning
+        # weights trained with another normalisation).
+        self.mean = [float(v) for v in (self.ds.mean if cfg.mean is None else cfg.mean)]
+        self.std = [float(v) for v in (self.ds.std if cfg.std is None else cfg.std)]
+        common = dict(mean=self.mean, std=self.std, seed=cfg.seed, rank=info.rank,
                       world_size=info.world_size, device=str(info.device), channels_last=cfg.channels_last,
                       num_workers=cfg.num_workers, strict=cfg.strict_data)
         self.train_loader = data_api.make_loader(self.ds.splits["train"], self.plan.local_batch, train=True,
@@ -173,7 +177,10 @@ class Trainer:
                                              in_chans=cfg.in_chans, shortcut=cfg.shortcut,
                                              variant=cfg.variant,
                                              zero_init_residual=cfg.zero_init_residual)
-        raw = create_model(cfg.arch, **self.model_options).to(info.device)
+        raw = create_model(cfg.arch, **self.model_options)
+        if cfg.init_from and not (self.out / checkpoint.NAME).exists():  # a resumed run has its own weights
+            self._start_from(raw)
+        raw = raw.to(info.device)
         if cfg.sync_bn and info.enabled:
             raw = distributed.convert_sync_batchnorm(raw, info)
         if cfg.channels_last:
@@ -196,6 +203,48 @@ class Trainer:
         self.amp_dtype = AMP_DTYPES[cfg.precision]
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    def _start_from(self, raw: nn.Module) -> None:
+        """Load `init_from` into the new model (fine-tuning). Every layer must fit; the classifier is kept
+        only when it was trained on this data's classes (same names, or same count where the file names
+        none), else it stays newly initialised."""
+        from ..loading import load_model
+
+        cfg, ours = self.cfg, self.model_options
+        src, meta = load_model(cfg.init_from, arch=cfg.arch, options={"variant": cfg.variant}, bare_only=True)
+        if meta.get("bn_folded"):
+            raise UserError(f"init_from '{meta['source']}' has its BatchNorm folded into the convolutions (an "
+                            f"export); start from the run folder or its model.safetensors instead.")
+        theirs = meta["options"]
+        keys = ("in_chans", "shortcut", "variant")
+        if meta["arch"] != cfg.arch or any(theirs.get(k) != ours.get(k) for k in keys):
+            def show(arch, opts):
+                return f"{arch} ({', '.join(f'{k}={opts.get(k)}' for k in keys)})"
+            fixes = ([f"arch={meta['arch']}"] if meta["arch"] != cfg.arch else []) + [
+                f"{k}={theirs.get(k)}" for k in keys if theirs.get(k) != ours.get(k)]
+            raise UserError(f"init_from '{meta['source']}' holds {show(meta['arch'], theirs)}, not the "
+                            f"{show(cfg.arch, ours)} this run trains; add {' '.join(fixes)} to train the "
+                            f"network the weights are for.")
+        state = src.state_dict()
+        classes = list(self.ds.classes)
+        named = "classes" not in meta.get("assumed", [])
+        keep = state["fc.weight"].shape == raw.fc.weight.shape and (not named or list(meta["classes"]) == classes)
+        if not keep:
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        raw.load_state_dict(state, strict=keep)
+        what = ("all layers, the classifier included" if keep else
+                f"all layers but the classifier, which starts anew for this data's {len(classes)} classes "
+                f"(the weights' {theirs['num_classes']} {'are other classes' if named else 'do not fit'})")
+        self._say(f"starting from the weights in {meta['source']} ({meta['arch']}): {what}.")
+        if cfg.mean is None and cfg.std is None and any(
+                abs(a - b) > 0.02 for a, b in zip([*meta["mean"], *meta["std"]], [*self.mean, *self.std], strict=True)):
+            def fmt(v):
+                return "[" + ",".join(f"{x:.3f}" for x in v) + "]"
+            origin = "assumed for a file that does not record it" if "mean" in meta.get("assumed", []) else "recorded"
+            self._say(f"note: those weights were trained with mean={fmt(meta['mean'])} std={fmt(meta['std'])} "
+                      f"({origin}); this run normalises with its data's own mean={fmt(self.mean)} "
+                      f"std={fmt(self.std)}. To keep the weights' own, add mean={fmt(meta['mean'])} "
+                      f"std={fmt(meta['std'])}.")
 
     # --- checkpoint -----------------------------------------------------------------------------------
     def _load_checkpoint(self) -> dict | None:
@@ -470,7 +519,7 @@ class Trainer:
         run that has not finished is evaluated with its own classes, normalisation and view."""
         size = self.ds.image_size
         meta = {"arch": self.cfg.arch, "options": self.model_options, "classes": list(self.ds.classes),
-                "mean": [float(v) for v in self.ds.mean], "std": [float(v) for v in self.ds.std],
+                "mean": self.mean, "std": self.std,
                 "input_size": [self.cfg.in_chans, *(size or (224, 224))],
                 "eval_view": self.cfg.eval_view or (("flip" if self.cfg.tta_flip else "full") if size
                                                     else "center"),

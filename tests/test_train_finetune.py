@@ -1,0 +1,111 @@
+"""Fine-tuning: `init_from` starts a run from trained weights (a run, a checkpoint or a bare state dict),
+keeps the classifier only for the same classes, refuses weights of another network, and is never read
+again once the run has a checkpoint. `mean`/`std` replace the data's own normalisation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from resnet import create_model
+from resnet.errors import UserError
+from resnet.train import load_recipe, train
+from test_train_helpers import tiny_overrides
+
+# lr this small moves no weight measurably in one step: what the run saves is what it started from
+STILL = {"max_iters": 1, "lr": 1e-12, "momentum": 0.0, "weight_decay": 0.0, "eval_every": 1,
+         "checkpoint_every": 1, "milestones": []}
+
+
+def _run(out: Path, **extra) -> dict:
+    return train(load_recipe("cifar10-resnet20", tiny_overrides(**extra)), out)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model.safetensors")
+
+
+def _convs_equal(a: dict, b: dict) -> bool:
+    names = [k for k in a if k.endswith("conv1.weight") or k.endswith("conv2.weight")]
+    return len(names) == 19 and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-9) for k in names)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("source") / "run"
+    _run(out, max_iters=4, eval_every=4)
+    return out
+
+
+def _three_class_folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog", "fish"):
+        (root / "train" / c).mkdir(parents=True)
+        for k in range(12):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / "train" / c / f"{k}.png")
+    return root
+
+
+def test_same_classes_keep_every_layer_the_classifier_included(tmp_path, source, capsys):
+    _run(tmp_path / "ft", init_from=str(source), **STILL)
+    assert "starting from the weights in" in capsys.readouterr().err
+    got, want = _weights(tmp_path / "ft"), _weights(source)
+    assert _convs_equal(got, want)
+    assert torch.allclose(got["fc.weight"], want["fc.weight"], rtol=0, atol=1e-9)
+    _run(tmp_path / "scratch", **STILL)
+    assert not _convs_equal(_weights(tmp_path / "scratch"), want)  # without init_from: its own random weights
+
+
+def test_other_classes_get_a_new_classifier_and_the_rest_is_kept(tmp_path, source, capsys):
+    data = _three_class_folder(tmp_path / "three")
+    _run(tmp_path / "ft", init_from=str(source / "model.safetensors"), data=str(data), val_size=6,
+         cache_dir=str(tmp_path / "cache"), **STILL)
+    err = capsys.readouterr().err
+    assert "the classifier, which starts anew for this data's 3 classes (the weights' 10 are other classes)" in err
+    got = _weights(tmp_path / "ft")
+    assert got["fc.weight"].shape == (3, 64) and _convs_equal(got, _weights(source))
+    assert json.loads((tmp_path / "ft" / "model.json").read_text())["classes"] == ["cat", "dog", "fish"]
+
+
+def test_a_bare_state_dict_of_the_same_network_loads_and_names_its_normalisation(tmp_path, capsys):
+    torch.manual_seed(3)
+    model = create_model("resnet20", in_chans=1, num_classes=10)
+    torch.save(model.state_dict(), tmp_path / "downloaded.pth")
+    _run(tmp_path / "ft", init_from=str(tmp_path / "downloaded.pth"), **STILL)
+    err = capsys.readouterr().err
+    assert "(assumed for a file that does not record it)" in err and "add mean=[" in err
+    assert _convs_equal(_weights(tmp_path / "ft"), model.state_dict())
+    _run(tmp_path / "ft2", init_from=str(tmp_path / "downloaded.pth"), mean=[0.45], std=[0.25], **STILL)
+    assert "add mean=" not in capsys.readouterr().err  # the user chose a normalisation: nothing to say
+    meta = json.loads((tmp_path / "ft2" / "model.json").read_text())
+    assert (meta["mean"], meta["std"]) == ([0.45], [0.25])
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"arch": "resnet32"}, "holds resnet20 (in_chans=1, shortcut=A, variant=v1), not the resnet32 "
+                           "(in_chans=1, shortcut=A, variant=v1) this run trains; add arch=resnet20 to"),
+    ({"shortcut": "B"}, "not the resnet20 (in_chans=1, shortcut=B, variant=v1) this run trains; add shortcut=A"),
+])
+def test_weights_of_another_network_are_one_sentence(tmp_path, source, change, words):
+    with pytest.raises(UserError, match=r"init_from '.*' holds") as err:
+        _run(tmp_path / "ft", init_from=str(source), **STILL, **change)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_run_with_a_checkpoint_never_reads_init_from_again(tmp_path, source):
+    copy = tmp_path / "copy.pth"
+    torch.save(_weights(source), copy)
+    out = tmp_path / "ft"
+    first = _run(out, init_from=str(copy), max_iters=4, eval_every=4, checkpoint_every=2)
+    copy.unlink()
+    (out / "summary.json").unlink()  # not finished as far as train() can tell: it resumes from the checkpoint
+    again = _run(out, init_from=str(copy), max_iters=4, eval_every=4, checkpoint_every=2)
+    assert again["iterations"] == first["iterations"] == 4
+    with pytest.raises(UserError, match="copy.pth"):  # a new run does need it
+        _run(tmp_path / "new", init_from=str(copy), **STILL)
