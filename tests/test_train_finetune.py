@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from resnet import create_model
+from resnet.data import load_dataset
 from resnet.errors import UserError
 from resnet.train import load_recipe, train
 from test_train_helpers import tiny_overrides
@@ -67,10 +68,26 @@ def test_other_classes_get_a_new_classifier_and_the_rest_is_kept(tmp_path, sourc
     _run(tmp_path / "ft", init_from=str(source / "model.safetensors"), data=str(data), val_size=6,
          cache_dir=str(tmp_path / "cache"), **STILL)
     err = capsys.readouterr().err
-    assert "the classifier, which starts anew for this data's 3 classes (the weights' 10 are other classes)" in err
+    assert ("the classifier, which starts anew for this data's 3 classes (the weights' 10 do not include them "
+            "all)") in err
     got = _weights(tmp_path / "ft")
     assert got["fc.weight"].shape == (3, 64) and _convs_equal(got, _weights(source))
     assert json.loads((tmp_path / "ft" / "model.json").read_text())["classes"] == ["cat", "dog", "fish"]
+
+
+def test_a_subset_of_the_weights_classes_keeps_their_rows_by_name(tmp_path, source, capsys):
+    data = tmp_path / "two"
+    digits = load_dataset("digits", in_chans=1).splits["train"]
+    for name in ("3", "7"):  # two of the source's ten classes, by name
+        (data / "train" / name).mkdir(parents=True)
+        images = digits.images[digits.labels == int(name)][:12]
+        for k, img in enumerate(images):
+            Image.fromarray(img[0].numpy()).save(data / "train" / name / f"{k}.png")
+    _run(tmp_path / "ft", init_from=str(source), data=str(data), val_size=4, cache_dir=str(tmp_path / "c"), **STILL)
+    assert "and the classifier's rows of this data's 2 classes" in capsys.readouterr().err
+    got, want = _weights(tmp_path / "ft"), _weights(source)
+    assert torch.allclose(got["fc.weight"], want["fc.weight"][[3, 7]], rtol=0, atol=1e-9)
+    assert torch.allclose(got["fc.bias"], want["fc.bias"][[3, 7]], rtol=0, atol=1e-9)
 
 
 def test_a_bare_state_dict_of_the_same_network_loads_and_names_its_normalisation(tmp_path, capsys):

@@ -205,9 +205,9 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     def _start_from(self, raw: nn.Module) -> None:
-        """Load `init_from` into the new model (fine-tuning). Every layer must fit; the classifier is kept
-        only when it was trained on this data's classes (same names, or same count where the file names
-        none), else it stays newly initialised."""
+        """Load `init_from` into the new model (fine-tuning). Every layer must fit. The classifier's rows are
+        kept, matched by class name, when the weights know every class of this data (or have the same count
+        where the file names none); otherwise the classifier stays newly initialised."""
         from ..loading import load_model
 
         cfg, ours = self.cfg, self.model_options
@@ -226,15 +226,21 @@ class Trainer:
                             f"{show(cfg.arch, ours)} this run trains; add {' '.join(fixes)} to train the "
                             f"network the weights are for.")
         state = src.state_dict()
-        classes = list(self.ds.classes)
+        classes, theirs_n = list(self.ds.classes), theirs["num_classes"]
         named = "classes" not in meta.get("assumed", [])
-        keep = state["fc.weight"].shape == raw.fc.weight.shape and (not named or list(meta["classes"]) == classes)
+        if named and set(classes) <= set(meta["classes"]):  # rows matched by name
+            rows = [list(meta["classes"]).index(c) for c in classes]
+            state["fc.weight"], state["fc.bias"] = state["fc.weight"][rows], state["fc.bias"][rows]
+            keep, what = True, ("all layers, the classifier included" if len(rows) == theirs_n else
+                                f"all layers, and the classifier's rows of this data's {len(rows)} classes")
+        else:
+            keep = not named and theirs_n == len(classes)
+            what = ("all layers, the classifier included" if keep else
+                    f"all layers but the classifier, which starts anew for this data's {len(classes)} classes "
+                    f"(the weights' {theirs_n} {'do not include them all' if named else 'do not fit'})")
         if not keep:
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         raw.load_state_dict(state, strict=keep)
-        what = ("all layers, the classifier included" if keep else
-                f"all layers but the classifier, which starts anew for this data's {len(classes)} classes "
-                f"(the weights' {theirs['num_classes']} {'are other classes' if named else 'do not fit'})")
         self._say(f"starting from the weights in {meta['source']} ({meta['arch']}): {what}.")
         if cfg.mean is None and cfg.std is None and any(
                 abs(a - b) > 0.02 for a, b in zip([*meta["mean"], *meta["std"]], [*self.mean, *self.std], strict=True)):
