@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,20 @@ def test_a_folder_is_searched_through_linked_subfolders_once(tmp_path):
     (top / "linked").symlink_to(outside, target_is_directory=True)
     (top / "loop").symlink_to(top, target_is_directory=True)
     assert find_images([str(top)]) == [str(top / "a.png"), str(top / "linked" / "b.png")]
+
+
+def test_an_unreadable_subfolder_is_reported_and_the_rest_predicted(tmp_path, monkeypatch, capsys):
+    top = tmp_path / "photos"
+    (top / "locked").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(top / "a.png")
+    real_scandir = os.scandir
+
+    def scandir(path):  # tests run as root, where chmod 000 does not lock a folder
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    problems: list[dict] = []
+    assert find_images([str(top)], problems) == [str(top / "a.png")]
+    assert problems == [{"path": str(top / "locked"), "error": "is a folder that cannot be read (Permission denied)"}]

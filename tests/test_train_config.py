@@ -65,7 +65,8 @@ def test_fast_recipe_says_it_is_not_the_paper():
     ("weight_decay=-1e-4", ["'weight_decay' must not be negative"]),
     ("momentum=0", ["'nesterov' needs a positive momentum"]),  # with nesterov on, as cifar10-fast has it
     ("mean=[0.5,0.5]", ["'mean' needs one value per input channel (3)"]),
-    ("std=[0.2,0,0.2]", ["'std' must be positive"]),
+    ("std=[0.2,0,0.2]", ["'std' is in 0-1 pixel units and positive"]),
+    ("mean=[123.675,116.28,103.53]", ["'mean' is in 0-1 pixel units", "divide 0-255 values by 255"]),
 ])
 def test_bad_overrides_are_one_sentence_naming_the_key(override, words):
     with pytest.raises(UserError) as err:

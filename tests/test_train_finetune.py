@@ -105,9 +105,9 @@ def test_a_bare_state_dict_of_the_same_network_loads_and_names_its_normalisation
 
 
 @pytest.mark.parametrize("change, words", [
-    ({"arch": "resnet32"}, "holds resnet20 (in_chans=1, shortcut=A, variant=v1), not the resnet32 "
-                           "(in_chans=1, shortcut=A, variant=v1) this run trains; add arch=resnet20 to"),
-    ({"shortcut": "B"}, "not the resnet20 (in_chans=1, shortcut=B, variant=v1) this run trains; add shortcut=A"),
+    ({"arch": "resnet32"}, "holds resnet20 (in_chans=1, shortcut=A), not the resnet32 (in_chans=1, shortcut=A) "
+                           "this run trains; add arch=resnet20 to"),
+    ({"shortcut": "B"}, "not the resnet20 (in_chans=1, shortcut=B) this run trains; add shortcut=A"),
 ])
 def test_weights_of_another_network_are_one_sentence(tmp_path, source, change, words):
     with pytest.raises(UserError, match=r"init_from '.*' holds") as err:
@@ -126,3 +126,44 @@ def test_a_run_with_a_checkpoint_never_reads_init_from_again(tmp_path, source):
     assert again["iterations"] == first["iterations"] == 4
     with pytest.raises(UserError, match="copy.pth"):  # a new run does need it
         _run(tmp_path / "new", init_from=str(copy), **STILL)
+
+
+def test_a_bare_bottleneck_file_needs_its_variant_said(tmp_path):
+    # v1 and v1.5 have the same shapes; torchvision's weights in the recipes' v1 layout would train silently.
+    torch.save(create_model("resnet50", in_chans=1, num_classes=10, variant="v1.5").state_dict(), tmp_path / "tv.pth")
+    with pytest.raises(UserError, match=r"does not record where resnet50's down-sampling stride sits; .*add "
+                                        r"variant=v1\.5"):
+        _run(tmp_path / "ft", arch="resnet50", init_from=str(tmp_path / "tv.pth"), **STILL)
+    assert not (tmp_path / "ft" / "checkpoint.pt").exists()
+    _run(tmp_path / "ok", arch="resnet50", variant="v1.5", shortcut="B", init_from=str(tmp_path / "tv.pth"), **STILL)
+    assert _weights(tmp_path / "ok")["layer2.0.conv2.weight"].shape == (128, 128, 3, 3)
+
+
+def test_a_bare_file_of_another_network_and_a_folded_export_are_one_sentence(tmp_path, source):
+    torch.save(create_model("resnet32", in_chans=1, num_classes=10).state_dict(), tmp_path / "r32.pth")
+    with pytest.raises(UserError, match=r"do not fit resnet20: unexpected .*; set arch and its options "
+                                        r"\(arch=, shortcut=, variant=\) to the network the weights are for\.$"):
+        _run(tmp_path / "a", init_from=str(tmp_path / "r32.pth"), **STILL)
+    from resnet.cli import main
+
+    assert main(["export", str(source), "--format", "safetensors", "--fold-bn",
+                 "--out", str(tmp_path / "f.safetensors")]) == 0
+    with pytest.raises(UserError, match="has its BatchNorm folded into the convolutions"):
+        _run(tmp_path / "b", init_from=str(tmp_path / "f.safetensors"), **STILL)
+    with pytest.raises(UserError, match=r"init_from '.*nothing\.pth' does not exist"):
+        _run(tmp_path / "c", init_from=str(tmp_path / "nothing.pth"), **STILL)
+
+
+def test_a_run_stopped_mid_way_resumes_bit_for_bit_without_the_init_file(tmp_path, source, monkeypatch):
+    copy = tmp_path / "copy.pth"
+    torch.save(_weights(source), copy)
+    settings = {"init_from": str(copy), "max_iters": 6, "eval_every": 6, "checkpoint_every": 2}
+    _run(tmp_path / "whole", **settings)
+    monkeypatch.setenv("RESNET_TEST_NAN_AT", "3")  # stops the run at iteration 3; its checkpoint is iteration 2
+    with pytest.raises(UserError, match="last good checkpoint: iteration 2"):
+        _run(tmp_path / "cut", **settings)
+    monkeypatch.delenv("RESNET_TEST_NAN_AT")
+    copy.unlink()
+    assert _run(tmp_path / "cut", **settings)["iterations"] == 6
+    whole, cut = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)

@@ -151,7 +151,8 @@ def _limit(names: list[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str,
+                     fix: str = "check the architecture (--arch) and its options") -> None:
     """Raise one sentence naming the mismatched keys or class counts when `state` does not fit `model`."""
     want = model.state_dict()
     if "fc.weight" in state and "fc.weight" in want and state["fc.weight"].shape != want["fc.weight"].shape:
@@ -171,8 +172,7 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
             parts.append(f"unexpected {_limit(unexpected)}")
         if wrong:
             parts.append(f"wrong shape {_limit(wrong, 3)}")
-        raise UserError(f"the weights in '{path}' do not fit {arch}: {'; '.join(parts)}; check the "
-                        f"architecture (--arch) and its options.")
+        raise UserError(f"the weights in '{path}' do not fit {arch}: {'; '.join(parts)}; {fix}.")
 
 
 def _infer_options(arch: str, state: dict[str, torch.Tensor], given: dict) -> dict:
@@ -217,13 +217,14 @@ def _merge_options(meta_opts: dict, user_opts: dict, path: Path) -> dict:
     return {**meta_opts, **{k: v for k, v in user_opts.items() if v is not None}}
 
 
-def _build(arch: str, options: dict, state: dict[str, torch.Tensor], path: Path, folded: bool) -> nn.Module:
+def _build(arch: str, options: dict, state: dict[str, torch.Tensor], path: Path, folded: bool,
+           fix: str = "check the architecture (--arch) and its options") -> nn.Module:
     model = create_model(arch, **options)
     if folded:
         from .inference import fold_bn
 
         model = fold_bn(model)
-    check_state_dict(model, state, path, arch)
+    check_state_dict(model, state, path, arch, fix)
     if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
         raise _corrupt(path, "non-finite weights")
     model.load_state_dict(state, strict=False)  # strict up to num_batches_tracked, checked above
@@ -332,6 +333,8 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
                             f"--arch resnet50 --option variant=v1.5 for torchvision weights).")
         opts = resolve_options(arch, **_infer_options(arch, state, user_opts))
         meta = default_meta(arch, opts)
+        if bare_only:  # the options not read from the keys (a bottleneck's variant) are the caller's
+            meta["assumed"].append("options")
     if weights.suffix == ".safetensors":
         expected = meta.get(DIGEST_KEY)
         if expected and state_digest(state) != expected:
@@ -342,7 +345,9 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
     if len(classes) != opts["num_classes"]:
         raise UserError(f"'{weights}' lists {len(classes)} class names but the model has "
                         f"{opts['num_classes']} outputs; fix the classes in model.json.")
-    model = _build(arch, opts, state, weights, folded=bool(meta.get("bn_folded")))
+    fix = ("set arch and its options (arch=, shortcut=, variant=) to the network the weights are for" if bare_only
+           else "check the architecture (--arch) and its options")
+    model = _build(arch, opts, state, weights, folded=bool(meta.get("bn_folded")), fix=fix)
     meta["source"] = str(weights)
     meta.setdefault("bn_folded", False)
     if "data" not in meta or "val_split" not in meta:  # runs older than these records: their config says them

@@ -14,18 +14,22 @@ import torch
 from .errors import UserError
 
 
-def find_images(inputs: list[str]) -> list[str]:
+def find_images(inputs: list[str], problems: list[dict] | None = None) -> list[str]:
     """Files named directly, plus every image file under named directories (recursively, sorted, by the
-    ImageFolder scan's rules: hidden names skipped, linked folders followed once, loops skipped)."""
+    ImageFolder scan's rules: hidden names skipped, linked folders followed once, loops skipped). A subfolder
+    that cannot be read is skipped and, when `problems` is given, added to it as {"path", "error"}."""
     from .data.folder import image_files_under
 
     out: list[str] = []
+    unreadable: list[tuple[str, str]] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out.extend(e.path for e in image_files_under(p))
+            out.extend(e.path for e in image_files_under(p, unreadable))
         else:
             out.append(str(p))  # a missing file is reported per file, like a bad one
+    if problems is not None:
+        problems.extend({"path": d, "error": f"is a folder that cannot be read ({why})"} for d, why in unreadable)
     if not out:
         raise UserError(f"no image files found in {', '.join(inputs)}; pass image files or folders of them.")
     return out

@@ -32,9 +32,10 @@ def run(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, not {args.topk}.")
     model, meta = load_from_args(args)
-    paths = find_images(args.inputs)
+    problems: list[dict] = []
+    paths = find_images(args.inputs, problems)
     predictor = InferenceModel(model, meta, backend=args.backend, device=resolve_device(args.device))
-    results = predict_files(predictor, meta, paths, topk=args.topk, batch_size=args.batch_size)
+    results = predict_files(predictor, meta, paths, topk=args.topk, batch_size=args.batch_size) + problems
     failed = [r for r in results if "error" in r]
     if args.format == "json":
         print_json(results)

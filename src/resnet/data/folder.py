@@ -44,16 +44,24 @@ def _visible_dirs(path: Path) -> list[str]:
         return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
 
 
-def image_files_under(path: Path) -> list[os.DirEntry]:
+def image_files_under(path: Path, unreadable: list[tuple[str, str]] | None = None) -> list[os.DirEntry]:
     """Image files in a folder (a class folder) and its visible subfolders, sorted by path. A linked folder is
-    followed once: a link back up the tree (a loop) is skipped, so no image is read twice."""
+    followed once: a link back up the tree (a loop) is skipped, so no image is read twice. A subfolder that
+    cannot be listed raises, or, when `unreadable` is given, is added to it as (path, reason) and skipped."""
     out = []
     stack = [path]
     top = path.resolve()
     seen = {top}
     while stack:
         d = stack.pop()
-        with os.scandir(d) as it:
+        try:
+            it = os.scandir(d)
+        except OSError as err:
+            if unreadable is None or d == path:
+                raise
+            unreadable.append((str(d), err.strerror or str(err)))
+            continue
+        with it:
             for e in it:
                 if e.name.startswith("."):
                     continue

@@ -246,8 +246,13 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and len(value) != cfg.in_chans:
             raise UserError(f"setting '{key}' needs one value per input channel ({cfg.in_chans}), not {value}.")
-    if cfg.std is not None and min(cfg.std) <= 0:
-        raise UserError(f"setting 'std' must be positive, not {cfg.std}.")
+    # Pixels are in 0-1 units here; 0-255 values (123.675, 58.395: another common convention) would turn
+    # every image into a near-constant input without any error.
+    if cfg.mean is not None and not all(0 <= v <= 1 for v in cfg.mean):
+        raise UserError(f"setting 'mean' is in 0-1 pixel units, not {cfg.mean}; divide 0-255 values by 255.")
+    if cfg.std is not None and not all(0 < v <= 1 for v in cfg.std):
+        raise UserError(f"setting 'std' is in 0-1 pixel units and positive, not {cfg.std}; divide 0-255 values "
+                        f"by 255.")
     if sorted(cfg.milestones) != list(cfg.milestones):
         raise UserError(f"setting 'milestones' must be increasing iteration counts, not {cfg.milestones}.")
 

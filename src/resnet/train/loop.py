@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import artifacts
 from ..errors import UserError
-from ..models import create_model, resolve_options
+from ..models import create_model, model_spec, resolve_options
 from . import checkpoint, distributed, outputs
 from .config import RUNTIME_KEYS, TrainConfig, config_from_dict, validate
 from .schedule import LRSchedule
@@ -137,6 +137,9 @@ class Trainer:
         threads = cfg.threads or _default_threads(info)
         if threads:
             torch.set_num_threads(threads)
+        if cfg.init_from and not (out_dir / checkpoint.NAME).exists() and not Path(cfg.init_from).expanduser().exists():
+            raise UserError(f"init_from '{cfg.init_from}' does not exist; give a run folder, model.safetensors, "
+                            f"checkpoint.pt or a .pth state dict of {cfg.arch}.")  # before a long data load
         self._build_data(data_api)
         self._build_model()
         self.it, self.wall_s, self.train_s, self.images = 0, 0.0, 0.0, 0
@@ -211,12 +214,20 @@ class Trainer:
         from ..loading import load_model
 
         cfg, ours = self.cfg, self.model_options
-        src, meta = load_model(cfg.init_from, arch=cfg.arch, options={"variant": cfg.variant}, bare_only=True)
+        bottleneck = model_spec(cfg.arch).block == "bottleneck"
+        src, meta = load_model(Path(cfg.init_from).expanduser(), arch=cfg.arch,
+                               options={"variant": cfg.variant} if bottleneck else {}, bare_only=True)
         if meta.get("bn_folded"):
             raise UserError(f"init_from '{meta['source']}' has its BatchNorm folded into the convolutions (an "
                             f"export); start from the run folder or its model.safetensors instead.")
+        if bottleneck and cfg.variant == "v1" and "options" in meta.get("assumed", []):
+            # v1 and v1.5 have the same shapes: nothing in the file tells them apart, and the recipes say v1
+            raise UserError(f"init_from '{meta['source']}' does not record where {cfg.arch}'s down-sampling "
+                            f"stride sits; torchvision and timm weights have it on the 3x3: add variant=v1.5 (for "
+                            f"weights in the paper's layout, describe them first: resnet export FILE --arch "
+                            f"{cfg.arch} --option variant=v1 --no-fold-bn --format safetensors --out W.safetensors).")
         theirs = meta["options"]
-        keys = ("in_chans", "shortcut", "variant")
+        keys = ("in_chans", "shortcut", "variant") if bottleneck else ("in_chans", "shortcut")
         if meta["arch"] != cfg.arch or any(theirs.get(k) != ours.get(k) for k in keys):
             def show(arch, opts):
                 return f"{arch} ({', '.join(f'{k}={opts.get(k)}' for k in keys)})"
@@ -235,17 +246,20 @@ class Trainer:
                                 f"all layers, and the classifier's rows of this data's {len(rows)} classes")
         else:
             keep = not named and theirs_n == len(classes)
-            what = ("all layers, the classifier included" if keep else
+            what = ("all layers, the classifier included (its rows by position: the file names no classes)"
+                    if keep else
                     f"all layers but the classifier, which starts anew for this data's {len(classes)} classes "
                     f"(the weights' {theirs_n} {'do not include them all' if named else 'do not fit'})")
         if not keep:
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         raw.load_state_dict(state, strict=keep)
         self._say(f"starting from the weights in {meta['source']} ({meta['arch']}): {what}.")
-        if cfg.mean is None and cfg.std is None and any(
-                abs(a - b) > 0.02 for a, b in zip([*meta["mean"], *meta["std"]], [*self.mean, *self.std], strict=True)):
+        def differs(key: str, used: list[float]) -> bool:  # a value the user did not choose, far from the weights'
+            return getattr(cfg, key) is None and any(abs(a - b) > 0.02 for a, b in zip(meta[key], used, strict=True))
+
+        if differs("mean", self.mean) or differs("std", self.std):
             def fmt(v):
-                return "[" + ",".join(f"{x:.3f}" for x in v) + "]"
+                return "[" + ",".join(f"{x:.6g}" for x in v) + "]"
             origin = "assumed for a file that does not record it" if "mean" in meta.get("assumed", []) else "recorded"
             self._say(f"note: those weights were trained with mean={fmt(meta['mean'])} std={fmt(meta['std'])} "
                       f"({origin}); this run normalises with its data's own mean={fmt(self.mean)} "
