@@ -208,15 +208,22 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     def _start_from(self, raw: nn.Module) -> None:
-        """Load `init_from` into the new model (fine-tuning). Every layer must fit. The classifier's rows are
-        kept, matched by class name, when the weights know every class of this data (or have the same count
-        where the file names none); otherwise the classifier stays newly initialised."""
+        """Load `init_from` into the new model (fine-tuning): every layer must fit, the classifier as
+        `_classifier_from` says; then say what was loaded, and any normalisation the weights expect."""
         from ..loading import load_model
 
-        cfg, ours = self.cfg, self.model_options
+        cfg = self.cfg
         bottleneck = model_spec(cfg.arch).block == "bottleneck"
         src, meta = load_model(Path(cfg.init_from).expanduser(), arch=cfg.arch,
                                options={"variant": cfg.variant} if bottleneck else {}, bare_only=True)
+        self._refuse_other_networks(meta, bottleneck)
+        state, keep, what = self._classifier_from(src.state_dict(), meta)
+        raw.load_state_dict(state, strict=keep)
+        self._say(f"starting from the weights in {meta['source']} ({meta['arch']}): {what}.")
+        self._note_normalisation(meta)
+
+    def _refuse_other_networks(self, meta: dict, bottleneck: bool) -> None:
+        cfg, ours, theirs = self.cfg, self.model_options, meta["options"]
         if meta.get("bn_folded"):
             raise UserError(f"init_from '{meta['source']}' has its BatchNorm folded into the convolutions (an "
                             f"export); start from the run folder or its model.safetensors instead.")
@@ -226,40 +233,43 @@ class Trainer:
                             f"stride sits; torchvision and timm weights have it on the 3x3: add variant=v1.5 (for "
                             f"weights in the paper's layout, describe them first: resnet export FILE --arch "
                             f"{cfg.arch} --option variant=v1 --no-fold-bn --format safetensors --out W.safetensors).")
-        theirs = meta["options"]
         keys = ("in_chans", "shortcut", "variant") if bottleneck else ("in_chans", "shortcut")
-        if meta["arch"] != cfg.arch or any(theirs.get(k) != ours.get(k) for k in keys):
+        fixes = ([f"arch={meta['arch']}"] if meta["arch"] != cfg.arch else []) + [
+            f"{k}={theirs.get(k)}" for k in keys if theirs.get(k) != ours.get(k)]
+        if fixes:
             def show(arch, opts):
                 return f"{arch} ({', '.join(f'{k}={opts.get(k)}' for k in keys)})"
-            fixes = ([f"arch={meta['arch']}"] if meta["arch"] != cfg.arch else []) + [
-                f"{k}={theirs.get(k)}" for k in keys if theirs.get(k) != ours.get(k)]
             raise UserError(f"init_from '{meta['source']}' holds {show(meta['arch'], theirs)}, not the "
                             f"{show(cfg.arch, ours)} this run trains; add {' '.join(fixes)} to train the "
                             f"network the weights are for.")
-        state = src.state_dict()
-        classes, theirs_n = list(self.ds.classes), theirs["num_classes"]
+
+    def _classifier_from(self, state: dict, meta: dict) -> tuple[dict, bool, str]:
+        """(state to load, whether it holds a classifier, what is loaded). The classifier's rows are kept,
+        matched by class name, when the weights know every class of this data (or, where the file names no
+        classes, when the counts agree); otherwise it stays newly initialised."""
+        classes, theirs_n = list(self.ds.classes), meta["options"]["num_classes"]
         named = "classes" not in meta.get("assumed", [])
-        if named and set(classes) <= set(meta["classes"]):  # rows matched by name
+        if named and set(classes) <= set(meta["classes"]):
             rows = [list(meta["classes"]).index(c) for c in classes]
             state["fc.weight"], state["fc.bias"] = state["fc.weight"][rows], state["fc.bias"][rows]
-            keep, what = True, ("all layers, the classifier included" if len(rows) == theirs_n else
-                                f"all layers, and the classifier's rows of this data's {len(rows)} classes")
-        else:
-            keep = not named and theirs_n == len(classes)
-            what = ("all layers, the classifier included (its rows by position: the file names no classes)"
-                    if keep else
-                    f"all layers but the classifier, which starts anew for this data's {len(classes)} classes "
-                    f"(the weights' {theirs_n} {'do not include them all' if named else 'do not fit'})")
-        if not keep:
-            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        raw.load_state_dict(state, strict=keep)
-        self._say(f"starting from the weights in {meta['source']} ({meta['arch']}): {what}.")
-        def differs(key: str, used: list[float]) -> bool:  # a value the user did not choose, far from the weights'
-            return getattr(cfg, key) is None and any(abs(a - b) > 0.02 for a, b in zip(meta[key], used, strict=True))
+            return state, True, ("all layers, the classifier included" if len(rows) == theirs_n else
+                                 f"all layers, and the classifier's rows of this data's {len(rows)} classes")
+        if not named and theirs_n == len(classes):
+            return state, True, "all layers, the classifier included (its rows by position: the file names no classes)"
+        return ({k: v for k, v in state.items() if not k.startswith("fc.")}, False,
+                f"all layers but the classifier, which starts anew for this data's {len(classes)} classes "
+                f"(the weights' {theirs_n} {'do not include them all' if named else 'do not fit'})")
+
+    def _note_normalisation(self, meta: dict) -> None:
+        """Say so when the weights were trained with statistics far from the ones this run uses unasked."""
+        def differs(key: str, used: list[float]) -> bool:
+            return getattr(self.cfg, key) is None and any(
+                abs(a - b) > 0.02 for a, b in zip(meta[key], used, strict=True))
+
+        def fmt(v):
+            return "[" + ",".join(f"{x:.6g}" for x in v) + "]"
 
         if differs("mean", self.mean) or differs("std", self.std):
-            def fmt(v):
-                return "[" + ",".join(f"{x:.6g}" for x in v) + "]"
             origin = "assumed for a file that does not record it" if "mean" in meta.get("assumed", []) else "recorded"
             self._say(f"note: those weights were trained with mean={fmt(meta['mean'])} std={fmt(meta['std'])} "
                       f"({origin}); this run normalises with its data's own mean={fmt(self.mean)} "
