@@ -151,8 +151,11 @@ def _limit(names: list[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+_FIX_ARCH = "check the architecture (--arch) and its options"  # when weights do not fit (eval, predict, export)
+
+
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str,
-                     fix: str = "check the architecture (--arch) and its options") -> None:
+                     fix: str = _FIX_ARCH) -> None:
     """Raise one sentence naming the mismatched keys or class counts when `state` does not fit `model`."""
     want = model.state_dict()
     if "fc.weight" in state and "fc.weight" in want and state["fc.weight"].shape != want["fc.weight"].shape:
@@ -218,7 +221,7 @@ def _merge_options(meta_opts: dict, user_opts: dict, path: Path) -> dict:
 
 
 def _build(arch: str, options: dict, state: dict[str, torch.Tensor], path: Path, folded: bool,
-           fix: str = "check the architecture (--arch) and its options") -> nn.Module:
+           fix: str = _FIX_ARCH) -> nn.Module:
     model = create_model(arch, **options)
     if folded:
         from .inference import fold_bn
@@ -346,7 +349,7 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
         raise UserError(f"'{weights}' lists {len(classes)} class names but the model has "
                         f"{opts['num_classes']} outputs; fix the classes in model.json.")
     fix = ("set arch and its options (arch=, shortcut=, variant=) to the network the weights are for" if bare_only
-           else "check the architecture (--arch) and its options")
+           else _FIX_ARCH)
     model = _build(arch, opts, state, weights, folded=bool(meta.get("bn_folded")), fix=fix)
     meta["source"] = str(weights)
     meta.setdefault("bn_folded", False)

@@ -137,7 +137,8 @@ class Trainer:
         threads = cfg.threads or _default_threads(info)
         if threads:
             torch.set_num_threads(threads)
-        if cfg.init_from and not (out_dir / checkpoint.NAME).exists() and not Path(cfg.init_from).expanduser().exists():
+        self.resuming = (out_dir / checkpoint.NAME).exists()  # then the checkpoint, not init_from, has the weights
+        if cfg.init_from and not self.resuming and not Path(cfg.init_from).expanduser().exists():
             raise UserError(f"init_from '{cfg.init_from}' does not exist; give a run folder, model.safetensors, "
                             f"checkpoint.pt or a .pth state dict of {cfg.arch}.")  # before a long data load
         self._build_data(data_api)
@@ -181,7 +182,7 @@ class Trainer:
                                              variant=cfg.variant,
                                              zero_init_residual=cfg.zero_init_residual)
         raw = create_model(cfg.arch, **self.model_options)
-        if cfg.init_from and not (self.out / checkpoint.NAME).exists():  # a resumed run has its own weights
+        if cfg.init_from and not self.resuming:
             self._start_from(raw)
         raw = raw.to(info.device)
         if cfg.sync_bn and info.enabled:
