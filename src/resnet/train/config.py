@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -93,6 +94,7 @@ class TrainConfig:
 # equals the uninterrupted one up to rounding, not bit for bit (the same command is bit for bit).
 RUNTIME_KEYS = frozenset({"num_workers", "threads", "eval_batch_size", "cache_dir", "data_dir",
                           "description", "channels_last", "compile"})
+_PATH_KEYS = ("init_from",)
 _TYPES = typing.get_type_hints(TrainConfig)
 KEYS = tuple(f.name for f in fields(TrainConfig))
 
@@ -111,7 +113,8 @@ def coerce(key: str, value):
     for option in options:
         ok, out = _try(option, value)
         if ok:
-            return out
+            # 'runs/a/' and 'runs/a' name the same weights; one spelling keeps a resumed run's settings equal
+            return os.path.normpath(out) if key in _PATH_KEYS and out else out
     wanted = " or ".join(_type_name(o) for o in options)
     raise UserError(f"setting '{key}' must be {wanted}, not {value!r}.")
 
