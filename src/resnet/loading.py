@@ -312,15 +312,13 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
             meta = _read_json(sidecar)                       # folder is another model: not described by it
         elif info.get("model_meta"):  # a run that has not finished: its checkpoint describes the model
             meta = dict(info["model_meta"])
-        elif cfg.get("arch"):  # an older checkpoint without its model.json: rebuild the options from config
-            arch_opts = {k: cfg.get(k) for k in ("in_chans", "shortcut", "variant", "zero_init_residual")}
-            if bare_only:
-                arch, user_opts = None, {}
-            user_opts = _merge_options({k: v for k, v in arch_opts.items() if v is not None}, user_opts, weights)
-            arch = arch or cfg["arch"]
+    if bare_only and (meta is not None or cfg.get("arch")):  # the file says what it holds: the caller's
+        arch, user_opts = None, {}                            # arch and options were for a bare state dict
+    if meta is None and cfg.get("arch"):  # an older checkpoint without its model.json: options from config
+        arch_opts = {k: cfg.get(k) for k in ("in_chans", "shortcut", "variant", "zero_init_residual")}
+        user_opts = _merge_options({k: v for k, v in arch_opts.items() if v is not None}, user_opts, weights)
+        arch = arch or cfg["arch"]
     state = clean_state_dict(state)
-    if meta is not None and bare_only:
-        arch, user_opts = None, {}
     if meta is not None:
         if arch is not None and arch != meta["arch"]:
             raise UserError(f"--arch {arch} contradicts the architecture {meta['arch']} recorded with "
