@@ -136,6 +136,34 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_exits_zero(tmp_path, referen
     _assert_same(out, reference)
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_of_a_streamed_run_still_checkpoints(tmp_path):
+    """A scheduler (Slurm's scancel, a time limit) signals every process of the job: the loading workers of a
+    streamed folder too. They leave the signal to the trainer, which finishes its step and checkpoints."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / "train" / c).mkdir(parents=True)
+        for k in range(12):  # sizes differ, so the folder is streamed through the loading workers
+            size = (20 + k, 24 + (k % 3))
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / "data" / "train"
+                                                                                   / c / f"{k}.png")
+    out = tmp_path / "run"
+    settings = {"data": str(tmp_path / "data"), "augment": "imagenet", "eval_view": "center", "val_size": None,
+                "batch_size": 8, "ref_batch_size": 8, "max_iters": 400, "milestones": [], "log_every": 1,
+                "eval_every": 100, "checkpoint_every": 100, "num_workers": 2, "eval_batch_size": 16, "in_chans": 3}
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(out), json.dumps(tiny_overrides(**settings))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait(proc, lambda: _last_train_iter(out) >= 3)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "stopped by SIGTERM" in stderr
+    assert checkpoint.load(out / checkpoint.NAME)["iteration"] == _last_train_iter(out) >= 3
+
+
 def test_finished_run_is_not_retrained(reference):
     out, first = reference
     stamp = (out / "model.safetensors").stat().st_mtime_ns

@@ -285,6 +285,16 @@ class _EpochBatches:
         return len(self.batches)
 
 
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """In each loading worker: leave SIGTERM/SIGINT to the main process. A scheduler (Slurm's scancel, a
+    time limit) or Ctrl-C signals the whole process group; a worker killed by it would make the trainer
+    fail instead of finishing its step and checkpointing. The main process shuts its workers down."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
 class StreamLoader(_Loader):
     """Batches decoded from files by DataLoader workers; colour augmentation and normalisation on the device.
 
@@ -328,6 +338,7 @@ class StreamLoader(_Loader):
             batch_sampler=self._sampler,
             num_workers=workers,
             collate_fn=_collate,
+            worker_init_fn=_ignore_stop_signals,
             persistent_workers=workers > 0,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers > 0 else None,
