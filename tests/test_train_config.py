@@ -67,6 +67,14 @@ def test_fast_recipe_says_it_is_not_the_paper():
     ("mean=[0.5,0.5]", ["'mean' needs one value per input channel (3)"]),
     ("std=[0.2,0,0.2]", ["'std' is in 0-1 pixel units and positive"]),
     ("mean=[123.675,116.28,103.53]", ["'mean' is in 0-1 pixel units", "divide 0-255 values by 255"]),
+    ("lr_decay=-1", ["'lr_decay'", "(0, 1]", "-1"]),
+    ("lr_decay=10", ["'lr_decay'", "0.1 divides it by 10"]),
+    ("warmup_lr=-0.1", ["'warmup_lr' must not be negative"]),
+    ("min_lr=-1", ["'min_lr' must not be negative"]),
+    ("ramp_iters=-5", ["'ramp_iters' must not be negative"]),
+    ("warmup_until_train_err=5", ["'warmup_until_train_err'", "(0, 1]"]),
+    ("plateau_patience=0", ["'plateau_patience'", "at least 1"]),
+    ("eval_view=centr", ["'eval_view' must be one of", "center"]),
 ])
 def test_bad_overrides_are_one_sentence_naming_the_key(override, words):
     with pytest.raises(UserError) as err:
@@ -208,3 +216,12 @@ def test_strict_data_reaches_the_loaders(tmp_path):
     overrides = tiny_overrides(max_iters=2, eval_every=2, in_chans=3, strict_data=True)
     train(load_recipe("cifar10-resnet20", overrides), tmp_path, data_api=Recording())
     assert seen and all(s is True for s in seen)
+
+
+def test_a_plateau_schedule_without_a_validation_split_is_refused_before_training(tmp_path):
+    # it would keep the first lr for the whole run, silently
+    with pytest.raises(UserError, match="schedule=plateau .* has no validation split; give it one") as err:
+        train(load_recipe("cifar10-resnet20", tiny_overrides(schedule="plateau", val_size=0, milestones=[])),
+              tmp_path / "run")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -136,9 +136,10 @@ def test_onecycle_and_cosine_ramp_then_reach_zero():
 
 
 def test_plan_scales_lr_and_iterations_linearly_with_batch():
-    cfg = load_recipe("cifar10-resnet20", ["batch_size=512"])
+    cfg = load_recipe("cifar10-resnet20", ["batch_size=512", "warmup_lr=0.01", "min_lr=0.001"])
     p = make_plan(cfg, world_size=4)
     assert p.local_batch == 128 and p.lr == pytest.approx(0.4)
+    assert p.warmup_lr == pytest.approx(0.04) and p.min_lr == pytest.approx(0.004)  # every lr scales
     assert p.max_iters == 16000 and p.milestones == [8000, 12000]
     with pytest.raises(UserError, match="split evenly"):
         make_plan(cfg, world_size=3)

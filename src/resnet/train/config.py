@@ -240,9 +240,26 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and value < least:
             raise UserError(f"setting '{key}' must be at least {least} (or null for the default), not {value}.")
-    for key in ("momentum", "weight_decay"):
+    for key in ("momentum", "weight_decay", "warmup_lr", "min_lr", "ramp_iters"):
         if getattr(cfg, key) < 0:
             raise UserError(f"setting '{key}' must not be negative, not {getattr(cfg, key)}.")
+    if not 0 < cfg.lr_decay <= 1:
+        raise UserError(f"setting 'lr_decay' is the factor the lr is multiplied by at each step, in (0, 1] "
+                        f"(0.1 divides it by 10), not {cfg.lr_decay}.")
+    if not 0 < cfg.warmup_until_train_err <= 1:
+        raise UserError(f"setting 'warmup_until_train_err' is a training error in (0, 1] (0.8 is 80%), "
+                        f"not {cfg.warmup_until_train_err}.")
+    if cfg.plateau_patience < 1 or cfg.plateau_threshold < 0:
+        raise UserError(f"settings 'plateau_patience' (at least 1 evaluation) and 'plateau_threshold' (not "
+                        f"negative) cannot be {cfg.plateau_patience} and {cfg.plateau_threshold}.")
+    if cfg.eval_view is not None:
+        from ..data.views import VIEWS, canonical_view
+
+        try:
+            canonical_view(cfg.eval_view)
+        except ValueError:
+            raise UserError(f"setting 'eval_view' must be one of {', '.join(VIEWS)} (or null for the data's "
+                            f"default), not '{cfg.eval_view}'{did_you_mean(cfg.eval_view, VIEWS)}.") from None
     if cfg.nesterov and cfg.momentum <= 0:
         raise UserError("setting 'nesterov' needs a positive momentum; set nesterov=false or momentum=0.9.")
     for key in ("mean", "std"):

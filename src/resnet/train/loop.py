@@ -42,6 +42,7 @@ class Plan:
     local_batch: int
     lr: float
     warmup_lr: float
+    min_lr: float
     max_iters: int
     milestones: list[int]
     ramp_iters: int
@@ -58,7 +59,7 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
     def iters(n: int) -> int:
         return max(1, round(n * k)) if n else 0
 
-    return Plan(cfg.batch_size // world_size, cfg.lr / k, cfg.warmup_lr / k, iters(cfg.max_iters),
+    return Plan(cfg.batch_size // world_size, cfg.lr / k, cfg.warmup_lr / k, cfg.min_lr / k, iters(cfg.max_iters),
                 [iters(m) for m in cfg.milestones], iters(cfg.ramp_iters), iters(cfg.eval_every),
                 iters(cfg.checkpoint_every))
 
@@ -155,6 +156,10 @@ class Trainer:
         self.ds = data_api.load_dataset(cfg.data, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir,
                                         in_chans=cfg.in_chans, val_size=cfg.val_size, seed=cfg.data_seed,
                                         strict=cfg.strict_data)
+        if cfg.schedule == "plateau" and "val" not in self.ds.splits:
+            raise UserError(f"schedule=plateau lowers the lr when the validation error stops improving, but "
+                            f"'{cfg.data}' has no validation split; give it one (val_size=5000, or a val/ "
+                            f"folder) or use fixed steps (schedule=multistep milestones=[...]).")
         # The training split's own per-channel statistics, unless the settings name others (fine-tuning
         # weights trained with another normalisation).
         self.mean = [float(v) for v in (self.ds.mean if cfg.mean is None else cfg.mean)]
@@ -200,7 +205,7 @@ class Trainer:
         self.schedule = LRSchedule(cfg.schedule, self.plan.lr, self.plan.max_iters, self.plan.milestones,
                                    cfg.lr_decay, self.plan.warmup_lr, cfg.warmup_until_train_err,
                                    self.plan.ramp_iters, cfg.plateau_patience, cfg.plateau_threshold,
-                                   cfg.min_lr)
+                                   self.plan.min_lr)
         if cfg.precision == "fp16" and info.device.type != "cuda":
             raise UserError("precision=fp16 needs a CUDA GPU (it relies on a grad scaler); "
                             "use bf16 or fp32 on CPU.")
