@@ -202,6 +202,25 @@ def test_resumed_log_drops_the_lines_after_the_checkpoint_and_the_test_line(tmp_
     assert outputs.read_metrics(tmp_path / "metrics.jsonl") == lines[:2]
 
 
+def test_tensorboard_shows_each_step_once_after_a_restart_and_after_a_resume(tmp_path):
+    """A first attempt that died before its first checkpoint starts again from scratch: its old points go,
+    as its metrics.jsonl lines do. A resumed run drops the points after its checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def attempt(resume_iter, iters):
+        log = outputs.RunLog(tmp_path, resume_iter=resume_iter)
+        for it in iters:
+            log.write({"iter": it, "split": "train", "loss": float(it)})
+        log.close()
+
+    attempt(None, [2, 4, 6])      # died at 7, no checkpoint
+    attempt(None, [2, 4, 6, 8])   # killed at 9, checkpoint at 4
+    attempt(4, [6, 8, 10])
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(s, s) for s in (2, 4, 6, 8, 10)]
+
+
 def test_strict_data_reaches_the_loaders(tmp_path):
     """--strict (strict_data) used to apply only to the scan: a streamed file breaking mid-run was skipped."""
     from test_train_helpers import FakeData

@@ -29,7 +29,9 @@ class RunLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            purge = None if resume_iter is None else resume_iter + 1
+            # A fresh start (the first attempt died before its first checkpoint) drops every old point too,
+            # as metrics.jsonl does: TensorBoard shows no step twice.
+            purge = 0 if resume_iter is None else resume_iter + 1
             self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=purge)
         except ImportError:  # tensorboard is in the `demo` extra
             self.note = "TensorBoard is not installed (pip install 'resnet[demo]'); no event files written."
