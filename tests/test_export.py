@@ -121,3 +121,23 @@ def test_an_export_that_fails_its_check_never_replaces_the_file_at_out(run_dir, 
     (tmp_path / "file").write_text("a file where a folder should be")
     assert main(["export", str(run_dir), "--format", "torchscript", "--out", str(tmp_path / "file" / "m.pt")]) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+def test_export_never_replaces_the_model_it_reads_nor_takes_another_formats_name(run_dir, tmp_path, capsys):
+    """`--out RUN/model.safetensors --format onnx` used to write ONNX over the trained weights."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    for fmt, out in [("onnx", run / "model.safetensors"), ("safetensors", run / "model.safetensors"),
+                     ("torchscript", run / "model.json"), ("torchscript", run / "checkpoint.pt"),
+                     ("safetensors", tmp_path / "x.onnx"), ("onnx", tmp_path / "x.json")]:
+        assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 2, (fmt, out)
+        err = capsys.readouterr().err
+        assert ("would replace the files of the model" in err or "is named like another kind" in err), err
+        assert "\n" not in err.strip()
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before and not (tmp_path / "x.onnx").exists()
+    # beside the model under a name of its own is fine, as is the same model file given by its path
+    assert main(["export", str(run / "model.safetensors"), "--format", "torchscript", "--out",
+                 str(run / "model.pt"), "--no-check"]) == 0

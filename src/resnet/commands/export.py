@@ -12,6 +12,13 @@ HELP = "export a trained model to ONNX, TorchScript or safetensors"
 # reassociation in another runtime grows with the logits' size (a randomly initialised ResNet-50 reaches
 # logits of several hundred and differences of ~6e-4 there; a trained model's stay far below 1e-4).
 TOLERANCE = 1e-4
+# The names each format's files go by; a name of another format's is refused (a .safetensors that holds ONNX
+# would be read as a broken model later). Other names are the user's choice.
+SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts", ".pts", ".torchscript"),
+            "safetensors": (".safetensors",)}
+# What `resnet train` keeps in a run folder: an export never takes one of these names beside its model.
+RUN_FILES = ("model.safetensors", "model.json", "checkpoint.pt", "config.yaml", "summary.json", "metrics.jsonl",
+             "curves.png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
     model, meta = load_from_args(args)
     out = Path(args.out)
     if out.is_dir():
-        raise UserError(f"--out '{out}' is a directory; name the file to write, e.g. {out / ('model.' + args.format)}.")
+        raise UserError(f"--out '{out}' is a directory; name the file to write, e.g. "
+                        f"{out / ('model' + SUFFIXES[args.format][0])}.")
+    _refuse_clobbering(out, args.format, Path(meta["source"]))
     # Written and checked under a temporary name, renamed only when it passed: a failed export never
     # replaces the file a user already had at --out.
     tmp = out.with_name(f".{out.name}.unchecked{out.suffix}")
@@ -58,3 +67,19 @@ def run(args: argparse.Namespace) -> int:
             tmp.unlink(missing_ok=True)
     print(line)
     return 0
+
+
+def _refuse_clobbering(out: Path, fmt: str, source: Path) -> None:
+    """--out must not be the model being read, nor one of the files of the run it belongs to, nor carry the
+    suffix of another format (or of metadata)."""
+    from ..errors import UserError
+
+    suffix = out.suffix.lower()
+    if suffix in (".json", ".yaml", ".jsonl") or any(suffix in names for other, names in SUFFIXES.items()
+                                                      if other != fmt and suffix not in SUFFIXES[fmt]):
+        raise UserError(f"--out '{out}' is named like another kind of file than {fmt}; name it "
+                        f"*{SUFFIXES[fmt][0]}.")
+    ours = out.name in RUN_FILES and out.resolve().parent == source.resolve().parent
+    if ours or (out.exists() and os.path.samefile(out, source)):
+        raise UserError(f"--out '{out}' would replace the files of the model being exported; write to another "
+                        f"name, e.g. {source.parent / ('model' + SUFFIXES[fmt][0])}.")
