@@ -116,6 +116,14 @@ def test_eval_cli_json_per_class_and_confusion_png(tmp_path, capsys):
     assert res["n"] == 10 and res["top1_err"] == pytest.approx(0.7) and {"top1_err", "top5_err", "n"} <= set(res)
     assert [r["class"] for r in res["per_class"]] == ["banana", "cherry", "apple"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A name without a suffix gets .png, and the output says so; another suffix is refused before evaluating.
+    common = ["--data", str(data), "--cache-dir", str(tmp_path / "cache")]
+    assert main(["eval", str(run), *common, "--format", "json", "--confusion", str(tmp_path / "cm2")]) == 0
+    assert json.loads(capsys.readouterr().out)["confusion_png"] == f"{tmp_path / 'cm2'}.png"
+    assert (tmp_path / "cm2.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["eval", str(run), *common, "--confusion", str(tmp_path / "model.json")]) == 2
+    assert "--confusion writes a PNG image; name it *.png" in capsys.readouterr().err
+    assert not (tmp_path / "model.json").exists()
     # This model's model.json records no training data, so --data is required, in one sentence.
     assert main(["eval", str(run)]) == 2
     err = capsys.readouterr().err

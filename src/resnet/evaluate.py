@@ -206,6 +206,11 @@ def save_confusion_png(confusion: torch.Tensor, classes: list[str], path: str | 
     ax.set_ylabel("true")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, format="png")
+    except OSError as err:
+        raise UserError(f"cannot write the confusion matrix to '{path}' ({err.strerror or err}); choose another "
+                        f"--confusion path.") from None
+    finally:
+        plt.close(fig)

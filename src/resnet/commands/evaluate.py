@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 HELP = "top-1/top-5 error of a trained model on a data split"
 
@@ -43,6 +44,11 @@ def run(args: argparse.Namespace) -> int:
     from ..loading import load_from_args
     from ._common import print_json, print_table
 
+    if args.confusion:  # checked before the evaluation, which may take long, rather than after it
+        suffix = Path(args.confusion).suffix
+        if suffix.lower() not in ("", ".png"):
+            raise UserError(f"--confusion writes a PNG image; name it *.png, not '{args.confusion}'.")
+        args.confusion = args.confusion if suffix else f"{args.confusion}.png"
     model, meta = load_from_args(args)
     data = args.data or meta.get("data")
     if not data:
