@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from resnet import UserError, create_model
 from resnet.artifacts import save_model_artifacts
@@ -61,6 +62,25 @@ def test_classes_in_another_order_still_score_right(tmp_path):
     per = {r["class"]: r for r in res["per_class"]}
     assert per["cherry"]["top1_err"] == 0 and per["apple"]["top1_err"] == 1 and per["apple"]["n"] == 2
     assert "durian" not in per
+
+
+def test_a_bare_state_dict_names_no_classes_so_its_outputs_are_the_datas_classes_in_order(tmp_path, capsys):
+    """torchvision/timm weights carry no class names; matching by the assumed names '0', '1', ... refused
+    every real folder. Output i is the data's i-th class (sorted folders, as torchvision's wnids)."""
+    data = image_folder(tmp_path / "data")
+    run = constant_model(tmp_path / "run", ["apple", "banana", "cherry"], favourite="cherry")
+    torch.save(load_file(run / "model.safetensors"), tmp_path / "bare.pth")
+    args = ["eval", str(tmp_path / "bare.pth"), "--arch", "resnet20", "--data", str(data), "--format", "json",
+            "--cache-dir", str(tmp_path / "cache"), "--backend", "torch", "--per-class"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    res = json.loads(captured.out)
+    assert res["n"] == 10 and res["top1_err"] == pytest.approx(0.5)  # output 2 is 'cherry': 5 of 10 right
+    assert {r["class"] for r in res["per_class"]} == set(COUNTS)
+    assert "records no class names; its 3 outputs are taken as the data's classes in order" in captured.err
+    two = image_folder(tmp_path / "two", {"apple": 1, "banana": 1})
+    assert main([*args[:5], str(two), *args[6:]]) == 2
+    assert "records no class names and has 3 outputs, but" in capsys.readouterr().err
 
 
 def test_top5_counts_the_second_choice(tmp_path):

@@ -160,6 +160,18 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
                 if split == "val" and "train" in ds.splits else "")
         raise UserError(f"'{data}' has no '{split}' split; choose one of {', '.join(ds.splits)}{hint}.")
     classes = list(meta["classes"])
+    if "classes" in (meta.get("assumed") or []):  # a bare state dict (torchvision, timm): outputs, no names
+        if len(ds.classes) != len(classes):
+            raise UserError(f"'{meta.get('source')}' records no class names and has {len(classes)} outputs, but "
+                            f"'{data}' has {len(ds.classes)} classes; evaluate it on data with {len(classes)} "
+                            f"classes.")
+        import sys
+
+        # Output i is the data's i-th class, in its own order (sorted folder names: the order torchvision's
+        # ImageNet weights use, the wnids n01440764, n01443537, ...).
+        print(f"note: '{meta.get('source')}' records no class names; its {len(classes)} outputs are taken as "
+              f"the data's classes in order ({', '.join(map(repr, ds.classes[:2]))}, ...).", file=sys.stderr)
+        classes = meta["classes"] = list(ds.classes)
     mapping = class_mapping(classes, list(ds.classes))
     rank, world = _dist_info()
     loader = make_loader(ds.splits[split], batch_size, train=False, augment="none", mean=meta["mean"],
