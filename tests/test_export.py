@@ -141,3 +141,15 @@ def test_export_never_replaces_the_model_it_reads_nor_takes_another_formats_name
     # beside the model under a name of its own is fine, as is the same model file given by its path
     assert main(["export", str(run / "model.safetensors"), "--format", "torchscript", "--out",
                  str(run / "model.pt"), "--no-check"]) == 0
+
+
+def test_what_a_bare_state_dict_did_not_record_stays_a_guess_in_its_export(run_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    torch.save(load_file(run_dir / "model.safetensors"), tmp_path / "bare.pth")
+    assert main(["export", str(tmp_path / "bare.pth"), "--arch", "resnet20", "--format", "safetensors",
+                 "--out", str(tmp_path / "e.safetensors"), "--no-check"]) == 0
+    _, meta = load_model(tmp_path / "e.safetensors")
+    assert {"classes", "mean", "std"} <= set(meta["assumed"])
+    _, described = load_model(run_dir)
+    assert "assumed" not in described

@@ -24,8 +24,9 @@ from .inference import fold_bn, pad_shortcuts_as_conv
 FORMATS = ("onnx", "torchscript", "safetensors")
 ONNX_OPSET = 17
 META_FILE = "resnet.json"  # TorchScript _extra_files name
+# "assumed": what a bare state dict did not record and the loader guessed; it stays a guess in the export.
 _META_KEYS = ("arch", "options", "classes", "mean", "std", "input_size", "eval_view", "recipe", "metrics",
-              "val_split")
+              "val_split", "assumed")
 
 
 def export_meta(meta: dict, *, bn_folded: bool, fmt: str) -> dict:
