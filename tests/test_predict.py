@@ -148,3 +148,22 @@ def test_an_unreadable_subfolder_is_reported_and_the_rest_predicted(tmp_path, mo
     problems: list[dict] = []
     assert find_images([str(top)], problems) == [str(top / "a.png")]
     assert problems == [{"path": str(top / "locked"), "error": "is a folder that cannot be read (Permission denied)"}]
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_a_file_name_that_is_not_utf8_is_printed_escaped_in_every_format(tmp_path, fmt):
+    """Under a strict UTF-8 stdout (en_US.UTF-8) such a name used to end the output in a traceback."""
+    import subprocess
+    import sys
+
+    run = colour_model(tmp_path / "run")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(os.fsdecode(bytes(folder) + b"/caf\xe9.png"))
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(folder / "z.png")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    proc = subprocess.run([sys.executable, "-m", "resnet", "predict", str(run), str(folder), "--format", fmt],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(r["path"] for r in json.loads(proc.stdout)) if fmt == "json" else proc.stdout
+    assert "caf\\xe9.png" in text and "z.png" in text  # the name, escaped, and the files after it

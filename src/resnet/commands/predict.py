@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     paths = find_images(args.inputs, problems)
     predictor = InferenceModel(model, meta, backend=args.backend, device=resolve_device(args.device))
     results = predict_files(predictor, meta, paths, topk=args.topk, batch_size=args.batch_size) + problems
+    for r in results:  # a file name that is not UTF-8 is shown with \x escapes, not a crash on printing it
+        r.update({k: _printable(r[k]) for k in ("path", "error") if k in r})
     failed = [r for r in results if "error" in r]
     if args.format == "json":
         print_json(results)
@@ -59,3 +61,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"resnet predict: {len(failed)} of {len(results)} images failed.", file=sys.stderr)
         return 1
     return 0
+
+
+def _printable(text: str) -> str:
+    """`text` with the undecodable bytes of a file name (held as surrogates) written as \\xNN escapes."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
