@@ -222,11 +222,18 @@ def test_model_json_digest_catches_a_flipped_bit_and_ignores_the_checkpoint(tmp_
     load_model(tmp_path / "run")
     torch.save({"model": create_model("resnet20", num_classes=3).state_dict()}, tmp_path / "run" / "c.pt")
     load_model(tmp_path / "run" / "c.pt")
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "intact.safetensors").write_bytes(weights.read_bytes())
+    load_model(tmp_path / "alone" / "intact.safetensors", arch="resnet20", options={"num_classes": 3})
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0x10
     weights.write_bytes(bytes(data))
     with pytest.raises(UserError, match="checksum"):
         load_model(tmp_path / "run")
+    # model.safetensors copied on its own, without model.json: its header carries the same digest
+    (tmp_path / "alone" / "w.safetensors").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="w.safetensors.*checksum"):
+        load_model(tmp_path / "alone" / "w.safetensors", arch="resnet20", options={"num_classes": 3})
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])

@@ -105,8 +105,11 @@ def save_model_artifacts(out_dir: str | os.PathLike, model: torch.nn.Module, met
     out_dir = Path(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in clean_state_dict(unwrap(model).state_dict()).items()}
     weights = out_dir / "model.safetensors"
-    atomic_write_bytes(weights, save_safetensors(state, metadata={"format": FORMAT, "arch": str(meta["arch"])}))
-    # safetensors has no checksum of its own: the digest lets loading catch a flipped bit in the weights.
-    doc = {"format": FORMAT, **meta, "weights_sha256": state_digest(state)}
+    # safetensors has no checksum of its own: the digest lets loading catch a flipped bit in the weights. It
+    # is in the file's header too, so a copy of model.safetensors alone is still checked.
+    digest = state_digest(state)
+    atomic_write_bytes(weights, save_safetensors(state, metadata={"format": FORMAT, "arch": str(meta["arch"]),
+                                                                  "weights_sha256": digest}))
+    doc = {"format": FORMAT, **meta, "weights_sha256": digest}
     atomic_write_bytes(out_dir / "model.json", (json.dumps(doc, indent=2) + "\n").encode())
     return weights

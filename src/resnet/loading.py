@@ -337,7 +337,7 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
         if bare_only:  # the options not read from the keys (a bottleneck's variant) are the caller's
             meta["assumed"].append("options")
     if weights.suffix == ".safetensors":
-        expected = meta.get(DIGEST_KEY)
+        expected = meta.get(DIGEST_KEY) or header.get(DIGEST_KEY)  # model.json's, or the file's own
         if expected and state_digest(state) != expected:
             raise _corrupt(weights, "its weights do not match the recorded checksum")
     else:  # the digest describes model.safetensors; a checkpoint beside that model.json holds other weights
