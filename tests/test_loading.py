@@ -128,6 +128,12 @@ def test_truncated_files_give_one_sentence_naming_the_path(run_dir, tmp_path):
     with pytest.raises(UserError, match="truncated or corrupt") as err:
         load_model(pt, arch="resnet20")
     one_sentence(err, pt)
+    # Not a model at all (a text file under a model's name): said so, not "corrupt (101)"
+    text = tmp_path / "notes.pt"
+    text.write_text("hello, these are notes\n")
+    with pytest.raises(UserError, match="is not a model file") as err:
+        load_model(text, arch="resnet20")
+    one_sentence(err, text)
 
 
 def test_bit_flips_are_caught(run_dir, tmp_path):

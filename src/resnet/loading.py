@@ -71,6 +71,15 @@ def read_pickle(path: Path, map_location="cpu") -> object:
             raise _corrupt(path, f"checksum mismatch in '{bad}'")
         if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
             raise _an_export(path, "a TorchScript")
+    else:  # torch.save writes a zip, or (legacy format) a pickle, which starts with its protocol byte 0x80
+        try:
+            with open(path, "rb") as f:
+                head = f.read(2)
+        except OSError as err:
+            raise UserError(f"cannot read model file '{path}' ({err.strerror or err}).") from None
+        if head and not head.startswith((b"PK", b"\x80")):
+            raise UserError(f"'{path}' is not a model file (neither PyTorch's format nor safetensors); pass a "
+                            f"run directory, a model.safetensors or a .pt/.pth state dict.")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
