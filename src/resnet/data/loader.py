@@ -285,7 +285,6 @@ class _EpochBatches:
         return len(self.batches)
 
 
-
 def _ignore_stop_signals(_worker_id: int) -> None:
     """In each loading worker: leave SIGTERM/SIGINT to the main process. A scheduler (Slurm's scancel, a
     time limit) or Ctrl-C signals the whole process group; a worker killed by it would make the trainer
@@ -294,6 +293,7 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
 
 class StreamLoader(_Loader):
     """Batches decoded from files by DataLoader workers; colour augmentation and normalisation on the device.
