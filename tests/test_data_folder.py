@@ -191,6 +191,16 @@ def test_odd_size_is_resized_into_the_memory_array(tmp_path):
     )
 
 
+def test_a_thin_strip_is_skipped_not_blown_up_into_the_memory_array(tmp_path):
+    """Resized to cover 6 x 6 whole, a 1 x 900 strip became 6 x 5,400 first; at 224 x 224 a 1 x 20,000 strip
+    (a small file) needs gigabytes. It is refused by the aspect rule the streamed views use."""
+    root = make_folder(tmp_path / "d", {"train": {"a": 3}})
+    Image.fromarray(np.zeros((900, 1, 3), np.uint8)).save(root / "train" / "a" / "strip.png")
+    with pytest.warns(SkippedImageWarning, match="strip.png.*thinner than the 100:1"):
+        ds = load_dataset(root, cache_dir=tmp_path / "c", workers=1, kind="memory")
+    assert ds.splits["train"].images.shape == (3, 3, 6, 6) and len(ds.splits["train"].skipped) == 1
+
+
 def test_mixed_sizes_stream_with_validated_index(tmp_path):
     root = tmp_path / "d"
     for i, (h, w) in enumerate([(10, 14), (12, 9), (16, 16)]):

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..artifacts import atomic_write_bytes
-from .decode import DECODE_VERSION, BadImage, decode_image, image_size
+from .decode import DECODE_VERSION, BadImage, check_aspect, decode_image, image_size
 from .sources import file_lock
 
 CACHE_FORMAT = "resnet-data-cache/1"
@@ -56,12 +56,13 @@ def _decode_chunk(job: tuple) -> tuple[list[tuple[int, str]], list[int]]:
         i = start + offset
         try:
             arr = decode_image(path, in_chans, max_pixels=max_pixels)
+            if arr.shape[1:] != (height, width):
+                # A 1 x 3000 strip would be scaled to cover 224 x 224 whole: 224 x 672,000 pixels (GBs)
+                arr = fit_to(check_aspect(arr), height, width)
+                resized.append(i)
         except BadImage as err:
             bad.append((i, str(err)))
             continue
-        if arr.shape[1:] != (height, width):
-            arr = fit_to(arr, height, width)
-            resized.append(i)
         images[i] = arr
     images.flush()
     del images
