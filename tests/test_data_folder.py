@@ -201,6 +201,18 @@ def test_a_thin_strip_is_skipped_not_blown_up_into_the_memory_array(tmp_path):
     assert ds.splits["train"].images.shape == (3, 3, 6, 6) and len(ds.splits["train"].skipped) == 1
 
 
+@pytest.mark.parametrize("kind", ["memory", "stream"])
+def test_a_class_folder_whose_every_image_is_bad_is_refused_like_an_empty_one(tmp_path, kind):
+    """It used to stay in the classes with no training image at all, the output never learnt."""
+    root = make_folder(tmp_path / "d", {"train": {"a": 3, "b": 0}})
+    (root / "train" / "b").mkdir(exist_ok=True)
+    (root / "train" / "b" / "junk.png").write_text("not an image")
+    (root / "train" / "b" / "empty.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match=r"class folder .*train/b has no usable images: all 2 were skipped") as err:
+        load_dataset(root, cache_dir=tmp_path / "c", workers=1, kind=kind)
+    assert "\n" not in str(err.value)
+
+
 def test_mixed_sizes_stream_with_validated_index(tmp_path):
     root = tmp_path / "d"
     for i, (h, w) in enumerate([(10, 14), (12, 9), (16, 16)]):

@@ -348,6 +348,16 @@ def _load_folder(
                 [(sc.paths[i], r) for i, r in bad.items()],
             )
         splits[name] = split
+        # An empty class folder is refused by the scan; one whose every image was skipped is just as empty.
+        usable = set(split.labels.tolist())
+        for cls in sc.class_names:
+            label = classes.index(cls)
+            if label not in usable:
+                label_of = dict(zip(sc.paths, sc.labels, strict=True))
+                bad = [(p, r) for p, r in split.skipped if label_of[p] == label]
+                raise UserError(f"the class folder {Path(root) / name / cls} has no usable images: all {len(bad)} "
+                                f"were skipped ({os.path.basename(bad[0][0])} {bad[0][1]}); fix or replace them, or "
+                                f"remove the folder.")
     return classes, splits, kind
 
 
