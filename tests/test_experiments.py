@@ -170,3 +170,17 @@ def test_default_layout_keeps_other_data_and_iterations_apart(tmp_path, monkeypa
     assert default_base(False, "cifar10", None) == "runs/reproduce"  # the default source named
     assert default_base(True, str(tmp_path / "a" / "cifar10") + "/", None) == bases[4]  # one folder, one name
     assert all(b.startswith("runs/") and "/" not in b[len("runs/"):] for b in bases)
+
+
+def test_the_papers_cifar10_errors_are_shown_only_beside_cifar10_results():
+    """'cifar10' in 'cifar100' used to put CIFAR-10's Table 6 errors beside CIFAR-100 results; the
+    degradation report showed them for any data."""
+    from resnet.experiments.runner import _paper_figures_apply
+
+    full = {d: _paper_figures_apply(Settings(quick=False, data=d)) for d in
+            (None, "cifar10", "/work/shared/data/cifar10", "data/CIFAR-10", "cifar100", "/data/cifar100",
+             "/data/photos", "/data/cifar10/../flowers")}
+    assert full == {None: True, "cifar10": True, "/work/shared/data/cifar10": True, "data/CIFAR-10": True,
+                    "cifar100": False, "/data/cifar100": False, "/data/photos": False,
+                    "/data/cifar10/../flowers": False}
+    assert not _paper_figures_apply(Settings(quick=True, data=None))

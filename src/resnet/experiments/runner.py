@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import time
 from collections import defaultdict
@@ -179,6 +180,14 @@ def _plot_degradation(nets: dict, path: Path) -> bool:
     return True
 
 
+def _paper_figures_apply(s: Settings) -> bool:
+    """Whether the paper's CIFAR-10 errors belong beside these results: full runs on CIFAR-10, named or a
+    folder named like it (the JPEG copy in ImageFolder layout), never CIFAR-100 or another folder."""
+    if s.quick:
+        return False
+    return s.data is None or re.fullmatch(r"cifar-?10([-_].*)?", Path(str(s.data)).name.lower()) is not None
+
+
 def _degradation(runs, summaries, runs_dir: Path, out: Path, s: Settings) -> tuple[str, dict]:
     nets = _per_net(runs, summaries, runs_dir)
     plotted = _plot_degradation(nets, out / "degradation.png")
@@ -187,7 +196,7 @@ def _degradation(runs, summaries, runs_dir: Path, out: Path, s: Settings) -> tup
         paper = model_spec(n["arch"]).paper.get("top1_err")
         rows.append([n["arch"], n["depth"], pct(n["train_err"], n["train_err_std"]),
                      pct(n["val_err"], n["val_err_std"]), pct(n["test_err"], n["test_err_std"]),
-                     f"{paper:.2f}" if paper and not s.quick else "–"])
+                     f"{paper:.2f}" if paper and _paper_figures_apply(s) else "–"])
     plain, residual = _headline(nets, True), _headline(nets, False)
 
     def say(h: dict, plain: bool) -> str:
@@ -329,7 +338,7 @@ def _plot_responses(stds: dict[str, list[float]], order: list[str], path: Path) 
 
 def _table6(runs, summaries, runs_dir: Path, out: Path, s: Settings) -> tuple[str, dict]:
     nets = _per_net(runs, summaries, runs_dir)
-    cifar10 = not s.quick and (s.data is None or "cifar10" in str(s.data).lower())
+    cifar10 = _paper_figures_apply(s)
     has_test = any(n["test_err"] is not None for n in nets.values())
     split = "test" if has_test else "val"
     rows = []
