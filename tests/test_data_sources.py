@@ -202,6 +202,42 @@ def test_an_unwritable_data_directory_is_one_sentence(tmp_path, monkeypatch):
         load_dataset("cifar10", data_dir=tmp_path)
 
 
+def test_a_full_disk_is_named_as_such_not_blamed_on_the_download_or_the_archive(tmp_path, monkeypatch):
+    """'delete the archive and run again' (extraction) or 'run again: it continues' (download) cannot help
+    when the disk is full."""
+    import errno
+
+    archive, _ = make_archive("cifar10", n=2)
+    _offline_spec(monkeypatch, archive)
+    (tmp_path / "cifar-10-binary.tar.gz").write_bytes(archive)
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(src.shutil, "copyfileobj", full)
+        with pytest.raises(UserError, match="cannot write in the data directory .*No space left.*--data-dir") as err:
+            load_dataset("cifar10", data_dir=tmp_path)
+    assert "delete" not in str(err.value) and (tmp_path / "cifar-10-binary.tar.gz").exists()
+    body = bytes(range(256)) * 8
+
+    class FullFile(io.BytesIO):
+        def write(self, _block):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = open
+
+    def open_part_on_a_full_disk(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".part") and mode in ("wb", "ab"):
+            return FullFile()
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", open_part_on_a_full_disk)
+    with serve(body) as (url, _), pytest.raises(UserError, match="cannot write in the data directory") as err:
+        src.download(url, tmp_path / "b.bin", hashlib.md5(body).hexdigest(), timeout=5)
+    assert "continues" not in str(err.value)
+
+
 def test_cifar_corrupt_batch_file_is_a_user_error(tmp_path):
     folder = tmp_path / "cifar-10-batches-bin"
     folder.mkdir()

@@ -8,6 +8,7 @@ bytes). The "python" release is a pickle, and unpickling a downloaded file runs 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import http.client
@@ -126,6 +127,7 @@ def _fetch(url: str, part: Path, timeout: float, chunk: int, *, resume: bool) ->
                 f.flush()
                 os.fsync(f.fileno())
         except (http.client.IncompleteRead, OSError) as err:  # the bytes so far stay in `part`
+            _refuse_unwritable(err, part.parent)
             raise UserError(
                 f"the download of {url} was cut short after {got:,} bytes ({type(err).__name__}); "
                 f"run the command again: it continues from there."
@@ -209,9 +211,20 @@ def _extract(spec: CifarSpec, archive: Path, root: Path) -> None:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
     except (tarfile.TarError, OSError, EOFError) as err:
+        _refuse_unwritable(err, root)
         raise UserError(f"{archive} cannot be extracted ({err}); delete it and run again.") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Errors of the folder written to, not of the download or the archive: running again cannot help.
+_UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _refuse_unwritable(err: BaseException, folder: Path) -> None:
+    if isinstance(err, OSError) and err.errno in _UNWRITABLE:
+        raise UserError(f"cannot write in the data directory {folder} ({err.strerror}); free space there or "
+                        f"choose another with --data-dir or RESNET_DATA_DIR.") from None
 
 
 def _complete(spec: CifarSpec, folder: Path) -> bool:
