@@ -14,7 +14,7 @@ from resnet import UserError, create_model
 from resnet.artifacts import save_model_artifacts
 from resnet.cli import main
 from resnet.export import export_model
-from resnet.loading import load_model, state_digest
+from resnet.loading import load_model, parse_options, state_digest
 
 CLASSES = ["cat", "dog", "owl", "yak"]
 
@@ -174,6 +174,19 @@ def test_bit_flips_are_caught(run_dir, tmp_path):
     weights.write_bytes(bytes(raw))
     with pytest.raises(UserError, match="truncated or corrupt"):
         load_model(out)
+
+
+def test_option_values_are_read_as_the_model_reads_them(tmp_path):
+    assert parse_options(["shortcut=a", "num_classes= 4", " variant =v1"]) == {
+        "shortcut": "A", "num_classes": 4, "variant": "v1"}
+    meta = meta_for()
+    meta["options"]["shortcut"] = "A"  # as training records it
+    save_model_artifacts(tmp_path, create_model("resnet20", num_classes=len(CLASSES)), meta)
+    # shortcut=a is the recorded option A, not a contradiction of it.
+    _, loaded = load_model(tmp_path, options=parse_options(["shortcut=a", "num_classes= 4"]))
+    assert loaded["options"]["shortcut"] == "A"
+    with pytest.raises(UserError, match="option shortcut='B' contradicts the shortcut='A' recorded"):
+        load_model(tmp_path, options=parse_options(["shortcut=b"]))
 
 
 def test_architecture_mismatch_names_the_keys(run_dir, tmp_path):

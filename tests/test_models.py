@@ -292,6 +292,23 @@ def test_bad_options_give_one_sentence(options, message):
         resnet.create_model("resnet20", **options)
 
 
+def test_the_network_class_refuses_unknown_stems_and_stage_counts():
+    from resnet.models.resnet import ResNet
+
+    with pytest.raises(ValueError, match="stem='cifr'"):  # used to build the CIFAR stem silently
+        ResNet("basic", (1, 1, 1), (16, 32, 64), stem="cifr")
+    with pytest.raises(ValueError, match="3 or 4 stages"):
+        ResNet("basic", (1, 1, 1, 1, 1), (8, 8, 8, 8, 8), stem="cifar")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script is deprecated in PyTorch 2.x
+@pytest.mark.parametrize("name", ["resnet20", "resnet50", "plain20"])
+def test_torch_jit_script_compiles_the_models(name):
+    model = resnet.create_model(name).eval()
+    x = _input(name)
+    assert torch.equal(torch.jit.script(model)(x), model(x))
+
+
 def test_plain_nets_refuse_a_shortcut():
     with pytest.raises(resnet.UserError, match="plain network and has no shortcuts"):
         resnet.create_model("plain20", shortcut="B")

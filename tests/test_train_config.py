@@ -56,7 +56,22 @@ def test_fast_recipe_says_it_is_not_the_paper():
     ("batch_size=1.5", ["'batch_size' must be int", "1.5"]),
     ("lr=fast", ["'lr' must be float", "fast"]),
     ("channels_last=2", ["'channels_last' must be bool"]),
-    ("milestones=[1,a]", ["'milestones' must be list"]),
+    ("milestones=[1,a]", ["'milestones' must be a list of int"]),
+    ("milestones=[1.5]", ["'milestones' must be a list of int", "1.5"]),
+    ("milestones=[100,100]", ["'milestones' must be strictly increasing", "[100, 100]"]),
+    ("milestones=[-5]", ["'milestones' must be strictly increasing", "at least 1"]),
+    ("momentum=1.5", ["'momentum' must be below 1", "1.5"]),
+    ("seed=-1", ["'seed' must be a whole number from 0"]),
+    ("data_seed=-1", ["'data_seed' must be a whole number from 0"]),
+    ("seed=99999999999999999999", ["'seed' must be a whole number from 0"]),
+    # YAML 1.1 would read these as octal (26624), base 60 (90) and hex (64): refused, not reinterpreted.
+    ("max_iters=064000", ["'max_iters' must be int", "064000"]),
+    ("eval_every=1:30", ["'eval_every' must be int", "1:30"]),
+    ("batch_size=0x40", ["'batch_size' must be int", "0x40"]),
+    # Model settings are checked with the rest, before any data is read.
+    ("arch=resnet5O", ["unknown model 'resnet5O'", "resnet50"]),
+    ("shortcut=D", ["shortcut must be one of A, B, C", "'D'"]),
+    ("data=", ["'data' is empty"]),
     ("precision=fp8", ["'precision' must be one of fp32, bf16, fp16"]),
     ("lr", ["not of the form key=value"]),
     ("threads=-1", ["'threads' must be at least 1", "-1"]),
@@ -97,6 +112,37 @@ def test_unknown_recipe_suggests_the_closest(capsys):
     assert main(["train", "--recipe", "cifar10-resnet21"]) == 2
     err = capsys.readouterr().err
     assert "unknown recipe 'cifar10-resnet21'" in err and "cifar10-resnet20" in err and "Traceback" not in err
+
+
+def test_recipe_files_read_numbers_as_written_and_refuse_repeated_keys(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("arch: resnet20\nmax_iters: 64000\nval_size: 5000\nmilestones: [32000, 48000]\n")
+    c = load_recipe(str(path))
+    assert (c.max_iters, c.val_size, c.milestones) == (64000, 5000, [32000, 48000])
+    path.write_text("arch: resnet20\nval_size: 05000\n")  # YAML 1.1: octal 2560
+    with pytest.raises(UserError, match="'val_size' must be int or null, not '05000'"):
+        load_recipe(str(path))
+    path.write_text("arch: resnet20\nlr: 0.1\nmomentum: 0.9\nlr: 0.5\n")  # YAML: the last one wins, silently
+    with pytest.raises(UserError, match="not valid YAML .*the key 'lr' is given twice"):
+        load_recipe(str(path))
+
+
+def test_recipe_names_directories_and_files_in_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(UserError, match="recipe '.*dir.yaml' is a directory"):
+        load_recipe(str(tmp_path / "dir.yaml"))
+    # A shipped recipe's name means that recipe, even beside a file of that name; ./NAME is the file.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quickstart").write_text("arch: resnet20\nlr: 0.7\n")
+    assert load_recipe("quickstart").lr != 0.7 and load_recipe("quickstart").data == "digits"
+    assert load_recipe("./quickstart").lr == 0.7
+
+
+def test_milestones_past_the_end_are_pointed_out(tmp_path, capsys):
+    train(load_recipe("cifar10-resnet20", tiny_overrides(max_iters=4, milestones=[3, 8])), tmp_path / "a")
+    assert "lr milestones [8] are not before max_iters 4" in capsys.readouterr().err
+    train(load_recipe("cifar10-resnet20", tiny_overrides(max_iters=4, milestones=[3])), tmp_path / "b")
+    assert "milestones" not in capsys.readouterr().err
 
 
 def test_recipe_file_with_unknown_key_fails(tmp_path):

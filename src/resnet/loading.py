@@ -379,9 +379,11 @@ def parse_options(pairs: list[str] | None) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserError(f"--option takes KEY=VALUE (e.g. variant=v1.5), not '{pair}'.")
+        key, value = key.strip(), value.strip()
         low = value.lower()
-        out[key.strip()] = (int(value) if value.lstrip("-").isdigit() else
-                            low == "true" if low in ("true", "false") else value)
+        out[key] = (int(value) if value.lstrip("-").isdigit() else
+                    low == "true" if low in ("true", "false") else
+                    value.upper() if key == "shortcut" else value)  # shortcut=a is option A
     return out
 
 

@@ -20,7 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("text", "json"), default="text", help="how to print the summary")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="strict settings overrides, e.g. lr=0.05 max_iters=1000 precision=bf16")
-    parser.epilog = ("Settings: see docs/training.md. "
+    from ..train.config import KEYS
+
+    parser.epilog = (f"Settings (key=value, explained in docs/training.md): {', '.join(KEYS)}. "
                      "Multi-process: torchrun --nproc_per_node=K -m resnet train ...")
 
 

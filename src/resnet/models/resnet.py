@@ -38,6 +38,10 @@ class ResNet(nn.Module):
         init_weights: bool = True,
     ):
         super().__init__()
+        if block not in BLOCKS or stem not in STEMS or len(layers) not in (3, 4) or len(widths) != len(layers):
+            raise ValueError(f"ResNet takes block in {tuple(BLOCKS)}, stem in {STEMS} and 3 or 4 stages "
+                             f"(layers and widths of equal length), not block={block!r}, stem={stem!r}, "
+                             f"layers={layers}, widths={widths}.")
         block_cls = BLOCKS[block]
         self.num_classes = num_classes
         stem_chs = widths[0]
@@ -54,7 +58,7 @@ class ResNet(nn.Module):
         self.feature_info: list[dict] = [{"module": "relu", "num_chs": stem_chs, "reduction": stem_reduction}]
 
         in_chs = stem_chs
-        self.stage_names: list[str] = []
+        self.stage_names = [f"layer{i + 1}" for i in range(len(layers))]
         for i, (repeats, width) in enumerate(zip(layers, widths, strict=True)):
             stride = 1 if i == 0 else 2
             reduction *= stride
@@ -63,9 +67,8 @@ class ResNet(nn.Module):
                 blocks.append(block_cls(in_chs, width, stride if j == 0 else 1, shortcut=shortcut,
                                         residual=residual, variant=variant))
                 in_chs = width * block_cls.expansion
-            name = f"layer{i + 1}"
+            name = self.stage_names[i]
             self.add_module(name, nn.Sequential(*blocks))
-            self.stage_names.append(name)
             self.feature_info.append({"module": name, "num_chs": in_chs, "reduction": reduction})
         self.num_features = in_chs
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -106,9 +109,10 @@ class ResNet(nn.Module):
         return feats
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.forward_stem(x))
-        for stage in self.stages():
-            x = stage(x)
+        # The stages by name, not through stages(), so that torch.jit.script compiles this method.
+        x = self.layer3(self.layer2(self.layer1(self.maxpool(self.forward_stem(x)))))
+        if hasattr(self, "layer4"):
+            x = self.layer4(x)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

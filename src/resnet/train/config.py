@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -100,14 +101,46 @@ KEYS = tuple(f.name for f in fields(TrainConfig))
 
 
 def _type_name(tp) -> str:
+    if typing.get_origin(tp) is list:  # list[int] reads as 'list' through __name__
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as people mean it in settings: YAML 1.1 would read 064000 as octal (26624), 1:30 as base 60
+    (90) and 0x40 as hex; here only plain decimal digits are whole numbers (the rest stay text, so a
+    number setting refuses them). A key given twice in one mapping is an error, not 'the last one wins'."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:int"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key '{key}' is given twice", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"),
+                              list("-+0123456789"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no Python objects are built
 
 
 def coerce(key: str, value):
     """`value` checked (and widened: int -> float) against the declared type of `key`."""
     if key not in _TYPES:
-        raise UserError(f"unknown setting '{key}'{did_you_mean(key, KEYS)}; see 'resnet train --help' "
-                        f"or docs/training.md for the list.")
+        raise UserError(f"unknown setting '{key}'{did_you_mean(key, KEYS)}; 'resnet train --help' lists "
+                        f"the settings and docs/training.md explains them.")
     tp = _TYPES[key]
     options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     for option in options:
@@ -152,7 +185,7 @@ def parse_override(text: str) -> tuple[str, object]:
     if not sep or not key:
         raise UserError(f"override '{text}' is not of the form key=value (e.g. lr=0.05).")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     if _TYPES.get(key) in (str, str | None) and value is not None and not isinstance(value, str):
@@ -168,7 +201,13 @@ def list_recipes() -> list[str]:
 
 def _read_recipe(name_or_path: str) -> tuple[str, dict]:
     path = Path(name_or_path)
-    if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
+    if path.is_dir():
+        raise UserError(f"recipe '{name_or_path}' is a directory; give a recipe name "
+                        f"({', '.join(list_recipes()[:4])}, ...) or a YAML file path.")
+    # A shipped recipe's bare name means that recipe even if a file of that name is in the current folder
+    # (write ./NAME for the file).
+    shipped = name_or_path in list_recipes() and os.sep not in name_or_path and "/" not in name_or_path
+    if not shipped and (name_or_path.endswith((".yaml", ".yml")) or path.is_file()):
         if not path.is_file():
             raise UserError(f"recipe file '{name_or_path}' does not exist; give a recipe name "
                             f"({', '.join(list_recipes()[:4])}, ...) or a YAML file path.")
@@ -181,7 +220,7 @@ def _read_recipe(name_or_path: str) -> tuple[str, dict]:
         text = (resources.files("resnet") / "recipes" / f"{name_or_path}.yaml").read_text()
         name = name_or_path
     try:
-        doc = yaml.safe_load(text) or {}
+        doc = _yaml(text) or {}
     except yaml.YAMLError as err:
         raise UserError(f"recipe '{name_or_path}' is not valid YAML ({str(err).splitlines()[0]}).") from None
     if not isinstance(doc, dict):
@@ -273,8 +312,22 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.std is not None and not all(0 < v <= 1 for v in cfg.std):
         raise UserError(f"setting 'std' is in 0-1 pixel units and positive, not {cfg.std}; divide 0-255 values "
                         f"by 255.")
-    if sorted(cfg.milestones) != list(cfg.milestones):
-        raise UserError(f"setting 'milestones' must be increasing iteration counts, not {cfg.milestones}.")
+    ms = list(cfg.milestones)
+    if any(m < 1 for m in ms) or any(b <= a for a, b in zip(ms, ms[1:], strict=False)):
+        raise UserError(f"setting 'milestones' must be strictly increasing iteration counts of at least 1, "
+                        f"not {cfg.milestones}.")
+    if cfg.momentum >= 1:
+        raise UserError(f"setting 'momentum' must be below 1 (the paper's is 0.9), not {cfg.momentum}.")
+    for key in ("seed", "data_seed"):
+        if not 0 <= getattr(cfg, key) < 2**63:
+            raise UserError(f"setting '{key}' must be a whole number from 0 to 2**63-1, not {getattr(cfg, key)}.")
+    for key in ("data", "arch", "recipe"):
+        if not str(getattr(cfg, key)).strip():
+            raise UserError(f"setting '{key}' is empty; give it a value or leave it out.")
+    from ..models import resolve_options  # the model's settings, checked before any data is read
+
+    resolve_options(cfg.arch, in_chans=cfg.in_chans, shortcut=cfg.shortcut, variant=cfg.variant,
+                    zero_init_residual=cfg.zero_init_residual)
 
 
 def replace(cfg: TrainConfig, **changes) -> TrainConfig:

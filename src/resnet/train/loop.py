@@ -472,6 +472,10 @@ class Trainer:
     def fit(self) -> dict:
         """Train from `self.it` to the end (or to a stop signal), then write the final outputs."""
         p = self.plan
+        late = [m for m in p.milestones if m >= p.max_iters]
+        if self.cfg.schedule == "multistep" and late and self.it == 0:
+            self._say(f"note: the lr milestones {late} are not before max_iters {p.max_iters}, so the lr is not "
+                      f"divided there; shorten them with the run (milestones=[...]) if that is not meant.")
         self.t_start = time.perf_counter()
         bar = outputs.progress_bar(p.max_iters, self.it, self.info.is_main)
         stop_now = False
