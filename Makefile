@@ -13,8 +13,13 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
+# PyPI's Linux torch wheels are CUDA builds (gigabytes); PyTorch's CPU index has the CPU build. Where that
+# index cannot be reached (an offline mirror that carries the CPU wheel itself), pip's own settings are used.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+
 $(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q $(TORCH_PIN) $$($(PY) -c "import urllib.request as u; \
+		u.urlopen('$(TORCH_INDEX)/torch/', timeout=10); print('--index-url $(TORCH_INDEX)')" 2>/dev/null)
 	$(PY) -m pip install -q -e ".[dev]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
