@@ -108,6 +108,22 @@ def test_missing_split_names_the_choices(tmp_path):
         evaluate(*load_model(run), str(data), split="val", cache_dir=str(tmp_path / "cache"))
 
 
+def test_a_train_only_folder_defaults_to_the_val_split_the_model_was_trained_with(tmp_path):
+    """A run on a folder with train/ only (as ../shared/data/cifar10) carved its val split; eval without
+    --split used to stop with 'has no test or val split' although --split val works."""
+    data = image_folder(tmp_path / "data")
+    (data / "test").rename(data / "train")
+    run = constant_model(tmp_path / "run", list(COUNTS), favourite="apple")
+    cache = str(tmp_path / "cache")
+    with pytest.raises(UserError, match=r"no test or val split \(it has train\); pass --split train, or --split "
+                                        r"val --val-size N"):
+        evaluate(*load_model(run), str(data), cache_dir=cache)
+    meta = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps({**meta, "val_split": {"val_size": 4, "seed": 0}}))
+    res = evaluate(*load_model(run), str(data), cache_dir=cache, backend="torch")
+    assert res["split"] == "val" and res["n"] == 4 and res["val_carved"] == {"val_size": 4, "seed": 0}
+
+
 @pytest.mark.parametrize("view", ["center", "10crop"])
 def test_multi_view_evaluation_counts_each_image_once(tmp_path, view):
     data = image_folder(tmp_path / "data", {"apple": 1, "banana": 2})

@@ -143,18 +143,22 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
     in_chans = int(meta["options"]["in_chans"])
     ds = load_dataset(data, data_dir=data_dir, cache_dir=cache_dir, in_chans=in_chans)
     carved = None
+    recorded = meta.get("val_split") or {}
+    if split is None:  # test, else val, else the val split the model's training carved out of train
+        split = next((s for s in ("test", "val") if s in ds.splits), None)
+        if split is None and "train" in ds.splits and (val_size or recorded.get("val_size")):
+            split = "val"
+        if split is None:
+            raise UserError(f"'{data}' has no test or val split (it has {', '.join(ds.splits)}); pass --split "
+                            f"{next(iter(ds.splits))}, or --split val --val-size N to score images carved out of "
+                            f"train.")
     if split == "val" and "val" not in ds.splits and "train" in ds.splits:
-        recorded = meta.get("val_split") or {}
         size = val_size if val_size is not None else recorded.get("val_size")
         if size:
             size = int(size) if float(size).is_integer() else float(size)
             seed = int(data_seed if data_seed is not None else recorded.get("seed", 0))
             carve_val(ds.splits, size, seed)  # the carve load_dataset(val_size=, seed=) makes, without reloading
             carved = {"val_size": size, "seed": seed}
-    if split is None:
-        split = next((s for s in ("test", "val") if s in ds.splits), None)
-        if split is None:
-            raise UserError(f"'{data}' has no test or val split (it has {', '.join(ds.splits)}); pass --split.")
     if split not in ds.splits:
         hint = (" (or pass --val-size N to score a val split carved out of train, as training does)"
                 if split == "val" and "train" in ds.splits else "")

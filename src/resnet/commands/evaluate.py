@@ -16,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None,
                         help="cifar10, cifar100, digits, or an ImageFolder directory ROOT/<split>/<class>/<image> "
                              "(default: the data the model's training run used, as its model.json records)")
-    parser.add_argument("--split", default=None, help="split to score (default: test, else val)")
+    parser.add_argument("--split", default=None,
+                        help="split to score (default: test, else val, else the val split the model's training "
+                             "carved out of train)")
     parser.add_argument("--views", default=None, choices=VIEWS,
                         help="evaluation view (default: the model's own; 10crop = Tables 2-3, "
                              "multiscale = Table 4, full = CIFAR's single original view, flip = the "
