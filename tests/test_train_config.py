@@ -145,6 +145,21 @@ def test_milestones_past_the_end_are_pointed_out(tmp_path, capsys):
     assert "milestones" not in capsys.readouterr().err
 
 
+def test_train_takes_data_dir_and_cache_dir_flags_as_written(tmp_path):
+    import argparse
+
+    from resnet.commands.train import add_arguments, resolve
+
+    weird = str(tmp_path / "my data #2")  # YAML would read ' #2' as a comment
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--recipe", "quickstart", "--data-dir", weird, "--cache-dir", weird, "--data", weird,
+                              "lr=0.05"])
+    cfg, out = resolve(args)
+    assert (cfg.data_dir, cfg.cache_dir, cfg.data, cfg.lr) == (weird, weird, weird, 0.05)
+    assert out.as_posix() == "runs/quickstart"
+
+
 def test_recipe_file_with_unknown_key_fails(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("arch: resnet20\nweight_decai: 0.1\n")

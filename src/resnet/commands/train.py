@@ -17,6 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="data source: cifar10, cifar100, digits, or an ImageFolder directory "
                                        "(overrides the recipe's)")
     parser.add_argument("--out", help="run directory (default runs/<recipe>); the same --out resumes")
+    parser.add_argument("--data-dir", dest="data_dir", help="where cifar10/cifar100 are kept or downloaded to "
+                        "(the data_dir setting; default $RESNET_DATA_DIR or ~/.cache/resnet/datasets)")
+    parser.add_argument("--cache-dir", dest="cache_dir", help="where decoded folders are cached (the cache_dir "
+                        "setting; default $RESNET_CACHE_DIR or ~/.cache/resnet/cache)")
     parser.add_argument("--format", choices=("text", "json"), default="text", help="how to print the summary")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="strict settings overrides, e.g. lr=0.05 max_iters=1000 precision=bf16")
@@ -29,11 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve(args: argparse.Namespace):
     """The config and run directory the arguments ask for."""
     from ..train import load_recipe
+    from ..train.config import replace, validate
 
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data={args.data}")
-    cfg = load_recipe(args.recipe, overrides)
+    cfg = load_recipe(args.recipe, args.overrides)
+    # The flags are taken as written (a path is not read as YAML, where ' #' would start a comment).
+    flags = {key: getattr(args, key) for key in ("data", "data_dir", "cache_dir") if getattr(args, key, None)}
+    if flags:
+        cfg = replace(cfg, **flags)
+        validate(cfg)
     _check_data(cfg.data)
     return cfg, Path(args.out or Path("runs") / cfg.recipe)
 
