@@ -48,3 +48,19 @@ def test_data_failures_exit_2_with_one_sentence(tmp_path, capsys, monkeypatch):
     root = _folder(tmp_path / "d")
     assert main(["data", str(root), "--strict"]) == 2
     assert "broken.png" in capsys.readouterr().err
+
+
+def test_data_command_shows_the_warnings_training_would_show(tmp_path, capsys):
+    """`resnet data` hid every warning, so a split folder that training ignores went unmentioned; skipped
+    images stay in its own report rather than one warning line each."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "validation"):
+        folder = tmp_path / "d" / split / "a"
+        folder.mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (tmp_path / "d" / "train" / "a" / "bad.png").write_bytes(b"")
+    assert main(["data", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c")]) == 0
+    err = capsys.readouterr().err
+    assert "resnet data: warning: " in err and "folders validation are not read" in err
+    assert "bad.png" not in err and "Warning" not in err

@@ -179,6 +179,23 @@ def test_stream_loader_imagenet_deterministic_across_worker_counts_and_resumes(t
     assert torch.equal(resumed[0][0], inline[2][0])
 
 
+def test_a_stream_loader_alive_at_exit_does_not_hang_the_interpreter(tmp_path):
+    """The workers ignore SIGTERM (so a scheduler's signal to the process group reaches the trainer alone);
+    the interpreter's exit stops workers with SIGTERM, so a loader made at module level hung it for ever."""
+    import subprocess
+    import sys
+
+    root = stream_folder(tmp_path)
+    script = ("import sys\nfrom resnet.data import load_dataset, make_loader\n"
+              "ds = load_dataset(sys.argv[1], cache_dir=sys.argv[2])\n"
+              "loader = make_loader(ds.splits['train'], 2, train=True, augment='imagenet', mean=ds.mean, "
+              "std=ds.std, num_workers=2)\n"
+              "print(ds.kind, sum(1 for _ in loader.iter_epoch(0)), flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(root), str(tmp_path / "c")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["stream", "3"], proc.stderr[-2000:]
+
+
 def test_stream_eval_views(tmp_path):
     ds = load_dataset(stream_folder(tmp_path), cache_dir=tmp_path / "c", workers=1)
     split = ds.splits["train"]

@@ -53,6 +53,23 @@ def _command_module(name: str):
     return importlib.import_module(f"resnet.commands.{COMMANDS[name]}")
 
 
+def _plain_warnings(name: str) -> None:
+    """Our own warnings as one line each, like the errors ('resnet data: warning: ...'), without the source
+    line Python adds; warnings from other packages keep Python's format (their location helps there)."""
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    default = getattr(warnings.formatwarning, "python_format", warnings.formatwarning)
+
+    def fmt(message, category, filename, lineno, line=None):
+        if os.path.abspath(filename).startswith(package + os.sep):
+            return f"resnet {name}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    fmt.python_format = default  # main() called again (tests) wraps Python's format, not the last wrapper
+    warnings.formatwarning = fmt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -66,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     name, rest = argv[0], argv[1:]
+    _plain_warnings(name)
     try:
         module = _command_module(name)
         parser = argparse.ArgumentParser(prog=f"resnet {name}", description=_HELP[name])

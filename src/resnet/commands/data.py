@@ -47,12 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import load_dataset
+    from ..data import SkippedImageWarning, load_dataset
     from ..data.describe import describe, describe_text
 
     with warnings.catch_warnings():
-        # Skipped files are reported in the output itself, not as one warning line each.
-        warnings.simplefilter("ignore")
+        # Skipped files are reported in the output itself, not as one warning line each; every other warning
+        # (a val_size that is ignored, a split folder that is not read) is what training would show too.
+        warnings.simplefilter("ignore", SkippedImageWarning)
         ds = load_dataset(
             args.data,
             data_dir=args.data_dir,

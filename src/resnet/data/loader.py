@@ -13,9 +13,11 @@ epoch would have, and a sample is augmented the same whatever the rank, world si
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import warnings
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -295,6 +297,12 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _close_at_exit(ref: weakref.ref) -> None:
+    loader = ref()
+    if loader is not None:
+        loader.close()
+
+
 class StreamLoader(_Loader):
     """Batches decoded from files by DataLoader workers; colour augmentation and normalisation on the device.
 
@@ -343,6 +351,17 @@ class StreamLoader(_Loader):
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers > 0 else None,
         )
+        if workers > 0:
+            # The workers ignore SIGTERM (above), which is how the interpreter's exit stops them: a loader
+            # still alive then (one made at module level) would hang the exit. Stop them first.
+            atexit.register(_close_at_exit, weakref.ref(self))
+
+    def close(self) -> None:
+        """Stop the loading workers now (they also stop when the loader is garbage collected)."""
+        it = getattr(self._dl, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._dl._iterator = None
 
     def iter_epoch(
         self, epoch: int, start_batch: int = 0
