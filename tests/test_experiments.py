@@ -11,6 +11,7 @@ from torch import nn
 import resnet
 from resnet.cli import main
 from resnet.experiments import Settings, plan_runs, reproduce, response_stds, three_by_three_bns
+from resnet.experiments.plan import quick_notes
 from resnet.experiments.runner import _headline
 from resnet.train import load_recipe
 
@@ -39,6 +40,17 @@ def test_quick_with_data_is_shortened_and_says_so():
     runs = plan_runs("degradation", s)
     cfg = load_recipe(runs[0].recipe, runs[0].all_overrides())
     assert cfg.data == "some/folder" and cfg.max_iters == 200 and cfg.warmup_lr == 0.0
+    assert cfg.milestones == []  # lr 0.1 throughout, as the report says, without a step past the end
+
+
+def test_quick_digits_ramp_fits_a_shortened_run():
+    """--iters 20 kept the 30-iteration ramp: the lr never reached the 0.1 the report stated."""
+    for iters, ramp in ((None, 30), (100, 10), (20, 2), (5, 1)):
+        s = Settings(quick=True, data=None, max_iters=iters)
+        run = plan_runs("degradation", s)[0]
+        cfg = load_recipe(run.recipe, run.all_overrides())
+        assert cfg.ramp_iters == ramp and cfg.ramp_iters < cfg.max_iters
+        assert any(f"a {ramp}-iteration ramp" in note for note in quick_notes(s))
 
 
 def test_unknown_experiment_names_the_closest():

@@ -105,7 +105,8 @@ def plot_curves(metrics: list[dict], path: Path, title: str) -> str | None:
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{100 * v:g}"))
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:  # a run stopped before its first log line has nothing to name
+        ax.legend()
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")  # the suffix tells matplotlib the format
     fig.savefig(tmp)
