@@ -47,7 +47,7 @@ class ResNet(nn.Module):
         stem_chs = widths[0]
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_chans, stem_chs, 7, stride=2, padding=3, bias=False)
-            self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
             stem_reduction, reduction = 2, 4
         else:
             self.conv1 = nn.Conv2d(in_chans, stem_chs, 3, stride=1, padding=1, bias=False)
@@ -55,7 +55,7 @@ class ResNet(nn.Module):
             stem_reduction, reduction = 1, 1
         self.bn1 = nn.BatchNorm2d(stem_chs)
         self.relu = nn.ReLU(inplace=True)
-        self.feature_info: list[dict] = [{"module": "relu", "num_chs": stem_chs, "reduction": stem_reduction}]
+        self.feature_info = [{"module": "relu", "num_chs": stem_chs, "reduction": stem_reduction}]
 
         in_chs = stem_chs
         self.stage_names = [f"layer{i + 1}" for i in range(len(layers))]
