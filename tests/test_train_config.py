@@ -53,6 +53,8 @@ def test_fast_recipe_says_it_is_not_the_paper():
 @pytest.mark.parametrize("override, words", [
     ("lrr=0.1", ["unknown setting 'lrr'", "lr"]),
     ("max_iter=5", ["unknown setting 'max_iter'", "max_iters"]),
+    ("learning_rate=0.1", ["unknown setting 'learning_rate' (did you mean lr?)"]),  # used to suggest variant
+    ("epochs=30", ["unknown setting 'epochs' (did you mean max_iters (iterations, not epochs)?)"]),
     ("batch_size=1.5", ["'batch_size' must be int", "1.5"]),
     ("lr=fast", ["'lr' must be float", "fast"]),
     ("channels_last=2", ["'channels_last' must be bool"]),

@@ -100,6 +100,12 @@ _TYPES = typing.get_type_hints(TrainConfig)
 KEYS = tuple(f.name for f in fields(TrainConfig))
 
 
+# Names other training scripts use for our settings, which spelling distance does not find.
+_ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "batch": "batch_size",
+            "model": "arch", "dataset": "data", "epochs": "max_iters (iterations, not epochs)",
+            "iters": "max_iters", "steps": "max_iters", "amp": "precision=bf16 or fp16"}
+
+
 def _type_name(tp) -> str:
     if typing.get_origin(tp) is list:  # list[int] reads as 'list' through __name__
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
@@ -139,7 +145,8 @@ def _yaml(text: str):
 def coerce(key: str, value):
     """`value` checked (and widened: int -> float) against the declared type of `key`."""
     if key not in _TYPES:
-        raise UserError(f"unknown setting '{key}'{did_you_mean(key, KEYS)}; 'resnet train --help' lists "
+        hint = f" (did you mean {_ALIASES[key]}?)" if key in _ALIASES else did_you_mean(key, KEYS)
+        raise UserError(f"unknown setting '{key}'{hint}; 'resnet train --help' lists "
                         f"the settings and docs/training.md explains them.")
     tp = _TYPES[key]
     options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
