@@ -120,7 +120,7 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
              view: str | None = None, batch_size: int = 128, data_dir: str | None = None,
              cache_dir: str | None = None, per_class: bool = False, backend: str = "auto",
              device: str = "cpu", predictor=None, val_size: float | None = None,
-             data_seed: int | None = None) -> dict:
+             data_seed: int | None = None, precision: str = "fp32", calibration_size: int | None = None) -> dict:
     """Score `model` (as loaded by `resnet.loading.load_model`) on `split` of `data`.
 
     Normalisation is the model's own (meta mean/std), not the data's; `view` defaults to the model's
@@ -129,6 +129,10 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
     split="val" on data without a val split scores the images a training run carved out of train:
     `val_size`/`data_seed` when given, else the model's recorded meta["val_split"] (the same seeded carve,
     so the same images); the result then says what it carved in "val_carved".
+
+    precision="int8" quantizes the model with activation ranges measured on `calibration_size` images of the
+    data's train split (never the scored images, unless the scored split is train or the only one); the result
+    says which in "calibration".
     """
     from .data import load_dataset, make_loader
     from .data.dataset import carve_val
@@ -181,13 +185,26 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
     loader = make_loader(ds.splits[split], batch_size, train=False, augment="none", mean=meta["mean"],
                          std=meta["std"], rank=rank, world_size=world, device=str(device),
                          channels_last=True, eval_view=view, cfg=view_config(meta))
-    predictor = predictor or InferenceModel(model, meta, backend=backend, device=device)
+    calibration = None
+    if predictor is None and precision == "int8":
+        from .quantize import CALIBRATION_SIZE, calibration_batches
+
+        source = "train" if "train" in ds.splits and split != "train" else split
+        size = calibration_size or CALIBRATION_SIZE
+        batches = calibration_batches(ds.splits[source], meta, size=size)
+        calibration = {"split": source, "n": sum(len(b) for b in batches)}
+        predictor = InferenceModel(model, meta, backend=backend, device=device, precision="int8",
+                                   calibration=batches)
+    predictor = predictor or InferenceModel(model, meta, backend=backend, device=device, precision=precision)
     start = time.perf_counter()
     scorer = score(predictor, loader.iter_epoch(0), mapping, len(classes))
     wall = time.perf_counter() - start
     out = scorer.result(classes, list(ds.classes), per_class=per_class)
     if carved:
         out["val_carved"] = carved
+    out["precision"] = getattr(predictor, "precision", "fp32")
+    if calibration:
+        out["calibration"] = calibration
     # Unreadable images of this split: found by the scan, plus those a streamed loader met (on any rank).
     met = sum_over_ranks(torch.tensor([len(getattr(loader, "skipped", []))]))
     skipped = len(getattr(ds.splits[split], "skipped", []) or []) + int(met.item())

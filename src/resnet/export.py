@@ -123,13 +123,17 @@ def safetensors_bytes(net: nn.Module, meta: dict) -> bytes:
     return save(state, metadata={META_KEY: json.dumps(meta), "format": "resnet-model/1", "arch": meta["arch"]})
 
 
-def export_model(model: nn.Module, meta: dict, fmt: str, out: str | Path, *, fold: bool | None = None) -> Path:
+def export_model(model: nn.Module, meta: dict, fmt: str, out: str | Path, *, fold: bool | None = None,
+                 calibration=None) -> Path:
     """Write `model` to `out` as `fmt` ("onnx" | "torchscript" | "safetensors"); returns the path.
 
-    `fold=None` folds BatchNorm for onnx and torchscript and keeps it for safetensors.
+    `fold=None` folds BatchNorm for onnx and torchscript and keeps it for safetensors. `calibration` (onnx
+    only): batches to calibrate an int8 model on (resnet.quantize); the file is then the int8 model.
     """
     if fmt not in FORMATS:
         raise UserError(f"export format must be one of {', '.join(FORMATS)}, not '{fmt}'.")
+    if calibration is not None and fmt != "onnx":
+        raise UserError(f"int8 export writes ONNX (run by ONNX Runtime's int8 kernels); use --format onnx, not {fmt}.")
     already = bool(meta.get("bn_folded"))
     if already and fold is False:
         raise UserError("this model's BatchNorm is already folded and cannot be unfolded; export with --fold-bn.")
@@ -138,6 +142,10 @@ def export_model(model: nn.Module, meta: dict, fmt: str, out: str | Path, *, fol
     doc = export_meta(meta, bn_folded=fold or already, fmt=fmt)
     if fmt == "onnx":
         data = onnx_bytes(net, doc)
+        if calibration is not None:
+            from .quantize import quantize_onnx
+
+            data = quantize_onnx(data, calibration)
     elif fmt == "torchscript":
         data = torchscript_bytes(net, doc)
     else:

@@ -120,10 +120,14 @@ class _TunedSession:
 
     TRIALS = 3  # timed calls per candidate, after one untimed warm-up call each, candidate after candidate
 
-    def __init__(self, net: nn.Module, meta: dict, threads: int | None):
+    def __init__(self, net: nn.Module, meta: dict, threads: int | None, calibration=None):
         from .export import export_meta, onnx_bytes, onnx_session
 
         data = onnx_bytes(net, export_meta(meta, bn_folded=True, fmt="onnx"))
+        if calibration is not None:  # int8: the same graph, quantized with ranges measured on these batches
+            from .quantize import quantize_onnx
+
+            data = quantize_onnx(data, calibration)
         if threads:
             configs = [(threads, True)]
         else:
@@ -167,15 +171,36 @@ class InferenceModel:
     `torch.compile`. "onnxruntime": the folded model exported to ONNX and run by ONNX Runtime (on the CPU
     the fastest by measurement, see docs/inference.md). "auto" (default): onnxruntime on the CPU when it
     is installed, else torch.
+
+    precision "int8" (opt-in; onnxruntime only): the ONNX model statically quantized, its activation ranges
+    measured on `calibration`, an iterable of normalised float batches as the model sees them
+    (`resnet.quantize.calibration_batches` draws them from a data split). See resnet/quantize.py.
     """
 
     def __init__(self, model: nn.Module, meta: dict | None = None, *, backend: str = "auto",
                  device: str | torch.device = "cpu", channels_last: bool = True, fold: bool = True,
-                 threads: int | None = None):
+                 threads: int | None = None, precision: str = "fp32", calibration=None):
+        from .quantize import check_precision
+
         if backend not in BACKENDS:
             raise UserError(f"inference backend must be one of {', '.join(BACKENDS)}, not '{backend}'.")
+        self.precision = check_precision(precision)
         self.meta = dict(meta or {})
         self.device = torch.device(device)
+        if precision == "int8":
+            if backend not in ("auto", "onnxruntime") or self.device.type != "cpu":
+                raise UserError(f"int8 inference runs on ONNX Runtime on the CPU; use --backend auto (or "
+                                f"onnxruntime) and --device cpu, not {backend} on {self.device}.")
+            if "input_size" not in self.meta:
+                raise UserError("int8 inference needs the model's metadata (meta with input_size, as load_model "
+                                "returns it).")
+            if not _has_onnxruntime():
+                raise UserError("int8 inference needs onnx and onnxruntime; install them with: "
+                                "pip install 'resnet[onnx]'.")
+            if calibration is None:
+                raise UserError("int8 inference needs calibration images (batches as the model sees them) to "
+                                "measure its activation ranges; pass calibration=.")
+            backend = "onnxruntime"
         if backend == "auto":  # the ONNX export needs the input size that model.json records
             usable = self.device.type == "cpu" and "input_size" in self.meta and _has_onnxruntime()
             backend = "onnxruntime" if usable else "torch"
@@ -199,7 +224,7 @@ class InferenceModel:
         if backend == "compile":
             self._fn = torch.compile(net)
         elif backend == "onnxruntime":
-            self._ort = _TunedSession(net, self.meta, threads)
+            self._ort = _TunedSession(net, self.meta, threads, calibration if precision == "int8" else None)
 
     @property
     def classes(self) -> list[str]:

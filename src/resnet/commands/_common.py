@@ -46,3 +46,8 @@ def print_table(headers: list[str], rows: list[list], align: str | None = None) 
     print(fmt(["-" * w for w in widths]))
     for r in cells:
         print(fmt(r))
+
+
+def cpu_for_int8(args: argparse.Namespace) -> str:
+    """int8 runs on the CPU: --device auto means the CPU then, even where a GPU is present."""
+    return "cpu" if getattr(args, "precision", "fp32") == "int8" and args.device == "auto" else args.device

@@ -36,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "compile", "onnxruntime"),
                         help="inference backend (see docs/inference.md)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "int8"),
+                        help="int8: quantize for ONNX Runtime on the CPU, calibrated on images of the data's "
+                             "train split (docs/inference.md); the error printed is the int8 model's")
+    parser.add_argument("--calibration-size", type=int, default=None, dest="calibration_size",
+                        help="images to calibrate int8 on (default 512)")
     parser.add_argument("--format", choices=("table", "json"), default="table", help="output format")
 
 
@@ -44,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate, save_confusion_png
     from ..inference import resolve_device
     from ..loading import load_from_args
+    from ._common import cpu_for_int8 as _cpu_for_int8
     from ._common import print_json, print_table
 
     if args.confusion:  # checked before the evaluation, which may take long, rather than after it
@@ -61,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     res = evaluate(model, meta, data, split=args.split, view=args.views, batch_size=args.batch_size,
                    data_dir=data_dir, cache_dir=args.cache_dir,
                    per_class=args.per_class or bool(args.confusion), backend=args.backend,
-                   device=resolve_device(args.device), val_size=args.val_size, data_seed=args.data_seed)
+                   device=resolve_device(_cpu_for_int8(args)), val_size=args.val_size, data_seed=args.data_seed,
+                   precision=args.precision, calibration_size=args.calibration_size)
     confusion = res.pop("_confusion")
     if not args.per_class:
         res.pop("per_class", None)
@@ -84,10 +91,13 @@ def run(args: argparse.Namespace) -> int:
     carved = res.get("val_carved")
     split = (f"{res['split']}: {carved['val_size']:g} of train, seed {carved['seed']}" if carved
              else res["split"])
-    print(f"{res['model']} on {res['data']} [{split}], view {res['view']}: n={res['n']}  "
+    precision = "" if res["precision"] == "fp32" else f", {res['precision']}"
+    print(f"{res['model']} on {res['data']} [{split}], view {res['view']}{precision}: n={res['n']}  "
           f"top-1 error {100 * res['top1_err']:.2f}%  top-{res['top5_k']} error {100 * res['top5_err']:.2f}%")
     if res.get("skipped"):
         print(f"({res['skipped']} unreadable images skipped)")
+    if res.get("calibration"):
+        print(f"(int8 calibrated on {res['calibration']['n']} images of the {res['calibration']['split']} split)")
     if args.per_class:
         rows = [[r["class"], r["n"], "-" if r["top1_err"] is None else f"{100 * r['top1_err']:.2f}"]
                 for r in res["per_class"]]
@@ -95,3 +105,4 @@ def run(args: argparse.Namespace) -> int:
     if args.confusion:
         print(f"confusion matrix: {args.confusion}")
     return 0
+

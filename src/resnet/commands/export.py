@@ -33,6 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "off for safetensors)")
     parser.add_argument("--no-check", action="store_true", dest="no_check",
                         help="skip comparing the exported model's outputs with PyTorch's")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "int8"),
+                        help="int8 (onnx only): an int8 model for ONNX Runtime, calibrated on images of "
+                             "--calibration-data (docs/inference.md)")
+    parser.add_argument("--calibration-data", default=None, dest="calibration_data",
+                        help="data whose train split int8 is calibrated on (default: the model's training data)")
+    parser.add_argument("--calibration-size", type=int, default=None, dest="calibration_size",
+                        help="images to calibrate int8 on (default 512)")
+    parser.add_argument("--data-dir", dest="data_dir", help="where cifar10/cifar100 live (for calibration)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,13 +54,38 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out '{out}' is a directory; name the file to write, e.g. "
                         f"{out / ('model' + SUFFIXES[args.format][0])}.")
     _refuse_clobbering(out, args.format, Path(meta["source"]))
+    calibration = held_out = None
+    if args.precision == "int8":
+        if args.format != "onnx":
+            raise UserError(f"--precision int8 writes ONNX (run by ONNX Runtime's int8 kernels); use --format onnx, "
+                            f"not {args.format}.")
+        from ..quantize import calibration_from_data
+
+        # Checked below on up to 256 other images of the split it was calibrated on.
+        calibration, info, held_out = calibration_from_data(meta, args.calibration_data, data_dir=args.data_dir,
+                                                            size=args.calibration_size, held_out=256)
     # Written and checked under a temporary name, renamed only when it passed: a failed export never
     # replaces the file a user already had at --out.
     tmp = out.with_name(f".{out.name}.unchecked{out.suffix}")
     try:
-        export_model(model, meta, args.format, tmp, fold=args.fold_bn)
+        export_model(model, meta, args.format, tmp, fold=args.fold_bn, calibration=calibration)
         line = f"wrote {out} ({args.format}, {tmp.stat().st_size / 1e6:.1f} MB)"
-        if not args.no_check:
+        if calibration is not None:  # int8 is close to fp32, not equal: checked as agreement of the top class
+            line = f"wrote {out} (onnx int8, {tmp.stat().st_size / 1e6:.1f} MB, calibrated on {info['n']} images " \
+                   f"of {info['data']} ({info['split']}))"
+            if held_out and not args.no_check:
+                import torch
+
+                from ..export import run_exported
+
+                x = torch.cat(held_out)
+                with torch.inference_mode():
+                    ref = model.eval()(x).argmax(1)
+                agree = float((run_exported(tmp, "onnx", x).argmax(1) == ref).float().mean())
+                line += f"; top-1 agrees with PyTorch fp32 on {100 * agree:.1f}% of {len(x)} other images"
+            elif not args.no_check:
+                line += "; not checked: the calibration used every image of that split"
+        elif not args.no_check:
             diff, scale = export_error(model, meta, tmp, args.format)
             if diff > TOLERANCE * max(1.0, scale):
                 raise UserError(f"the {args.format} export differs from PyTorch by {diff:.2e} (logits up to "

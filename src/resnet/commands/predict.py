@@ -20,6 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="inference backend (see docs/inference.md)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "int8"),
+                        help="int8: quantize for ONNX Runtime on the CPU (docs/inference.md)")
+    parser.add_argument("--calibration-data", default=None, dest="calibration_data",
+                        help="data whose train split int8 is calibrated on (default: the model's training data, "
+                             "as its model.json records)")
+    parser.add_argument("--calibration-size", type=int, default=None, dest="calibration_size",
+                        help="images to calibrate int8 on (default 512)")
+    parser.add_argument("--data-dir", dest="data_dir", help="where cifar10/cifar100 live (for calibration)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from ..inference import InferenceModel, resolve_device
     from ..loading import load_from_args
     from ..predict import find_images, predict_files
+    from ._common import cpu_for_int8 as _cpu_for_int8
     from ._common import print_json
 
     if args.topk < 1:
@@ -34,7 +43,16 @@ def run(args: argparse.Namespace) -> int:
     model, meta = load_from_args(args)
     problems: list[dict] = []
     paths = find_images(args.inputs, problems)
-    predictor = InferenceModel(model, meta, backend=args.backend, device=resolve_device(args.device))
+    calibration = None
+    if args.precision == "int8":
+        from ..quantize import calibration_from_data
+
+        calibration, info, _ = calibration_from_data(meta, args.calibration_data, data_dir=args.data_dir,
+                                                  size=args.calibration_size)
+        print(f"resnet predict: int8, calibrated on {info['n']} images of {info['data']} ({info['split']}).",
+              file=sys.stderr)
+    predictor = InferenceModel(model, meta, backend=args.backend, device=resolve_device(_cpu_for_int8(args)),
+                               precision=args.precision, calibration=calibration)
     results = predict_files(predictor, meta, paths, topk=args.topk, batch_size=args.batch_size) + problems
     for r in results:  # a file name that is not UTF-8 is shown with \x escapes, not a crash on printing it
         r.update({k: _printable(r[k]) for k in ("path", "error") if k in r})

@@ -1,0 +1,162 @@
+"""int8 inference (resnet.quantize): calibration images, the quantized graph, and the --precision int8 flags."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import randomise_bn
+from resnet import UserError, create_model
+from resnet.artifacts import save_model_artifacts
+from resnet.cli import main
+from resnet.inference import InferenceModel
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+CLASSES = ["ant", "bee", "cat"]
+
+
+def folder(root: Path, per_class: dict[str, int], size: int = 16) -> Path:
+    rng = np.random.default_rng(len(str(root)))
+    for split, n in per_class.items():
+        for c, cls in enumerate(CLASSES):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):  # each class its own colour cast, so a model can tell them apart
+                pixels = rng.integers(0, 160, (size, size, 3)).astype(np.uint8)
+                pixels[..., c] += 90
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def meta(data: str | None = None, size: int = 16) -> dict:
+    m = {"arch": "resnet20", "options": {"num_classes": 3}, "classes": CLASSES, "mean": [0.4] * 3,
+         "std": [0.25] * 3, "input_size": [3, size, size], "eval_view": "full"}
+    if data:
+        m["data"] = data
+    return m
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return randomise_bn(create_model("resnet20", num_classes=3)).eval()
+
+
+def run_dir(path: Path, data: str | None = None) -> Path:
+    path.mkdir(parents=True)
+    save_model_artifacts(path, model(), meta(data))
+    return path
+
+
+def batches(n: int = 64, seed: int = 0) -> list[torch.Tensor]:
+    return list(torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed)).split(32))
+
+
+def test_int8_logits_follow_fp32_and_the_stem_and_classifier_stay_fp32():
+    from resnet.export import export_meta, onnx_bytes
+    from resnet.inference import fold_bn
+    from resnet.quantize import quantize_onnx
+
+    net = model()
+    fp32 = onnx_bytes(fold_bn(net), export_meta(meta(), bn_folded=True, fmt="onnx"))
+    q = onnx.load_from_string(quantize_onnx(fp32, batches()))
+    nodes = list(q.graph.node)
+    # Every convolution but the first reads a dequantized (int8) weight; the first one and the Gemm read floats.
+    produced_by = {out: n for n in nodes for out in n.output}
+    convs = [n for n in nodes if n.op_type == "Conv"]
+    weight_from_dq = [produced_by.get(c.input[1]) is not None and produced_by[c.input[1]].op_type == "DequantizeLinear"
+                      for c in convs]
+    assert weight_from_dq[0] is False and all(weight_from_dq[1:]) and len(convs) == 21
+    gemm = next(n for n in nodes if n.op_type == "Gemm")
+    assert gemm.input[1] not in produced_by
+    props = {p.key: p.value for p in q.metadata_props}
+    assert json.loads(props["resnet"])["precision"] == "int8" and json.loads(props["classes"]) == CLASSES
+    # Close to fp32 on inputs it was not calibrated on: a broken scale or an overflowing kernel is far off.
+    x = torch.cat(batches(64, seed=5))
+    ours = InferenceModel(net, meta(), precision="int8", calibration=batches())
+    ref = InferenceModel(net, meta(), backend="torch")
+    a, b = ours(x), ref(x)
+    cos = torch.nn.functional.cosine_similarity(a - a.mean(0), b - b.mean(0), dim=0)
+    assert ours.backend == "onnxruntime" and ours.precision == "int8"
+    assert float(cos.min()) > 0.95, cos  # measured 0.975-0.99 per class
+    assert float((a.argmax(1) == b.argmax(1)).float().mean()) >= 0.9
+
+
+def test_int8_refuses_other_backends_devices_and_a_missing_calibration():
+    with pytest.raises(UserError, match="int8 inference runs on ONNX Runtime on the CPU"):
+        InferenceModel(model(), meta(), backend="torch", precision="int8", calibration=batches())
+    with pytest.raises(UserError, match="needs calibration images"):
+        InferenceModel(model(), meta(), precision="int8")
+    with pytest.raises(UserError, match="precision must be one of fp32, int8, not 'int4'"):
+        InferenceModel(model(), meta(), precision="int4")
+
+
+def test_calibration_images_are_a_seeded_draw_and_offset_gives_others(tmp_path):
+    from resnet.data import load_dataset
+    from resnet.quantize import calibration_batches
+
+    data = folder(tmp_path / "data", {"train": 10})
+    split = load_dataset(str(data), cache_dir=str(tmp_path / "cache")).splits["train"]
+    first = torch.cat(calibration_batches(split, meta(), size=12, batch_size=5))
+    again = torch.cat(calibration_batches(split, meta(), size=12, batch_size=5))
+    other = torch.cat(calibration_batches(split, meta(), size=18, offset=12))
+    assert first.shape == (12, 3, 16, 16) and torch.equal(first, again) and other.shape[0] == 18
+    rows = {tuple(r.flatten()[:20].tolist()) for r in first}
+    assert not rows & {tuple(r.flatten()[:20].tolist()) for r in other}  # all 30 images, none twice
+    assert abs(float(first.mean())) < 3  # normalised with the model's mean/std, not raw 0-255 pixels
+    with pytest.raises(UserError, match="too few to draw"):
+        calibration_batches(split, meta(), size=5, offset=30)
+
+
+def test_eval_with_int8_calibrates_on_train_and_says_so(tmp_path, capsys):
+    data = folder(tmp_path / "data", {"train": 8, "test": 4})
+    run = run_dir(tmp_path / "run")
+    common = ["eval", str(run), "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--format", "json"]
+    assert main(common) == 0
+    fp32 = json.loads(capsys.readouterr().out)
+    assert main(common + ["--precision", "int8", "--calibration-size", "20"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["precision"] == "int8" and fp32["precision"] == "fp32"
+    assert res["calibration"] == {"split": "train", "n": 20} and res["split"] == "test" and res["n"] == 12
+    assert main(common[:-2] + ["--precision", "int8"]) == 0
+    assert "view full, int8: n=12" in capsys.readouterr().out
+
+
+def test_export_int8_writes_onnx_with_its_metadata_and_refuses_other_formats(tmp_path, capsys):
+    from resnet.export import read_onnx_meta
+
+    data = folder(tmp_path / "data", {"train": 6})
+    run = run_dir(tmp_path / "run", data=str(data))
+    out = tmp_path / "q.onnx"
+    assert main(["export", str(run), "--format", "onnx", "--precision", "int8", "--out", str(out)]) == 0
+    line = capsys.readouterr().out  # all 18 images calibrate (fewer than 512), none are left to check on
+    assert "onnx int8" in line and "calibrated on 18 images" in line and "not checked" in line
+    assert main(["export", str(run), "--format", "onnx", "--precision", "int8", "--out", str(out),
+                 "--calibration-size", "10"]) == 0
+    assert re.search(r"top-1 agrees with PyTorch fp32 on \d+\.\d% of 8 other images", capsys.readouterr().out)
+    assert read_onnx_meta(out)["precision"] == "int8" and read_onnx_meta(out)["classes"] == CLASSES
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "q.onnx", "run"]  # no temporary left
+    assert main(["export", str(run), "--format", "torchscript", "--precision", "int8", "--out",
+                 str(tmp_path / "q.pt")]) == 2
+    assert "--precision int8 writes ONNX" in capsys.readouterr().err and not (tmp_path / "q.pt").exists()
+
+
+def test_predict_int8_needs_data_to_calibrate_on(tmp_path, capsys):
+    data = folder(tmp_path / "data", {"train": 4})
+    run = run_dir(tmp_path / "run")
+    image = str(data / "train" / "bee" / "0.png")
+    assert main(["predict", str(run), image, "--precision", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "does not record the data it was trained on; pass --calibration-data" in err and err.count("\n") == 1
+    assert main(["predict", str(run), image, "--precision", "int8", "--calibration-data", str(data),
+                 "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    res = json.loads(captured.out)
+    assert res[0]["path"] == image and len(res[0]["predictions"]) == 3
+    assert "int8, calibrated on 12 images" in captured.err
