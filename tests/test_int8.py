@@ -160,3 +160,16 @@ def test_predict_int8_needs_data_to_calibrate_on(tmp_path, capsys):
     res = json.loads(captured.out)
     assert res[0]["path"] == image and len(res[0]["predictions"]) == 3
     assert "int8, calibrated on 12 images" in captured.err
+
+
+def test_calibration_flags_without_int8_are_refused_in_one_sentence(tmp_path, capsys):
+    run = run_dir(tmp_path / "run")
+    assert main(["eval", str(run), "--calibration-size", "5"]) == 2
+    assert capsys.readouterr().err == ("resnet eval: --calibration-size calibrates int8 models; add --precision "
+                                       "int8, or leave it out.\n")
+    assert main(["predict", str(run), "x.png", "--calibration-data", "digits", "--calibration-size", "3"]) == 2
+    assert "--calibration-size and --calibration-data calibrate int8 models" in capsys.readouterr().err
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--precision", "int8",
+                 "--calibration-size", "0"]) == 2
+    assert "--calibration-size must be at least 1 image, not 0." in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()

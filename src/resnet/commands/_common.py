@@ -51,3 +51,17 @@ def print_table(headers: list[str], rows: list[list], align: str | None = None) 
 def cpu_for_int8(args: argparse.Namespace) -> str:
     """int8 runs on the CPU: --device auto means the CPU then, even where a GPU is present."""
     return "cpu" if getattr(args, "precision", "fp32") == "int8" and args.device == "auto" else args.device
+
+
+def check_int8_flags(args: argparse.Namespace) -> None:
+    """The calibration flags mean something only with --precision int8; given without it, say so."""
+    from ..errors import UserError
+
+    given = [flag for flag, dest in (("--calibration-size", "calibration_size"),
+                                     ("--calibration-data", "calibration_data")) if getattr(args, dest, None)]
+    if given and getattr(args, "precision", "fp32") != "int8":
+        raise UserError(f"{' and '.join(given)} {'calibrate' if len(given) > 1 else 'calibrates'} int8 models; "
+                        f"add --precision int8, or leave "
+                        f"{'them' if len(given) > 1 else 'it'} out.")
+    if getattr(args, "calibration_size", None) is not None and args.calibration_size < 1:
+        raise UserError(f"--calibration-size must be at least 1 image, not {args.calibration_size}.")

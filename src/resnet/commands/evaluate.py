@@ -49,9 +49,10 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate, save_confusion_png
     from ..inference import resolve_device
     from ..loading import load_from_args
+    from ._common import check_int8_flags, print_json, print_table
     from ._common import cpu_for_int8 as _cpu_for_int8
-    from ._common import print_json, print_table
 
+    check_int8_flags(args)
     if args.confusion:  # checked before the evaluation, which may take long, rather than after it
         suffix = Path(args.confusion).suffix
         if suffix.lower() not in ("", ".png"):

@@ -47,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
     from ..export import export_error, export_model
     from ..loading import load_from_args
+    from ._common import check_int8_flags
 
+    check_int8_flags(args)
     model, meta = load_from_args(args)
     out = Path(args.out)
     if out.is_dir():

@@ -35,9 +35,10 @@ def run(args: argparse.Namespace) -> int:
     from ..inference import InferenceModel, resolve_device
     from ..loading import load_from_args
     from ..predict import find_images, predict_files
+    from ._common import check_int8_flags, print_json
     from ._common import cpu_for_int8 as _cpu_for_int8
-    from ._common import print_json
 
+    check_int8_flags(args)
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, not {args.topk}.")
     model, meta = load_from_args(args)
