@@ -185,17 +185,15 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
     loader = make_loader(ds.splits[split], batch_size, train=False, augment="none", mean=meta["mean"],
                          std=meta["std"], rank=rank, world_size=world, device=str(device),
                          channels_last=True, eval_view=view, cfg=view_config(meta))
-    calibration = None
+    calibration = batches = None
     if predictor is None and precision == "int8":
         from .quantize import CALIBRATION_SIZE, calibration_batches
 
         source = "train" if "train" in ds.splits and split != "train" else split
-        size = calibration_size or CALIBRATION_SIZE
-        batches = calibration_batches(ds.splits[source], meta, size=size)
+        batches = calibration_batches(ds.splits[source], meta, size=calibration_size or CALIBRATION_SIZE)
         calibration = {"split": source, "n": sum(len(b) for b in batches)}
-        predictor = InferenceModel(model, meta, backend=backend, device=device, precision="int8",
-                                   calibration=batches)
-    predictor = predictor or InferenceModel(model, meta, backend=backend, device=device, precision=precision)
+    predictor = predictor or InferenceModel(model, meta, backend=backend, device=device, precision=precision,
+                                            calibration=batches)
     start = time.perf_counter()
     scorer = score(predictor, loader.iter_epoch(0), mapping, len(classes))
     wall = time.perf_counter() - start

@@ -106,4 +106,3 @@ def run(args: argparse.Namespace) -> int:
     if args.confusion:
         print(f"confusion matrix: {args.confusion}")
     return 0
-
