@@ -8,8 +8,9 @@ Cases (the issue's): ResNet-50 at 224x224, batch 1 and 32; ResNet-20 at 32x32, b
 - ours int8: `InferenceModel(precision="int8")`, the same ONNX model statically quantized (resnet.quantize),
   calibrated on real images other than the checked ones. Its accuracy is not equal to fp32 by construction:
   its line reports top-1 agreement with eager on the checked images, and docs/inference.md the validation error
-  of a trained ResNet-20 in both precisions. Its logits are also compared by cosine similarity per image: on
-  these untrained models the top classes are near ties, so top-1 agreement says little there.
+  in both precisions of trained ResNet-20s and of a ResNet-50 trained on CIFAR images
+  (benchmarks/int8_accuracy.py). Its logits are also compared by cosine similarity per image: on these
+  untrained models the top classes are near ties, so top-1 agreement says little there.
 Methods are timed in interleaved rounds (eager, ours, ort, eager, ...) so that load from other processes hits
 all three alike; the figure is the median. Before each timed call the benchmark sleeps SETTLE_S: the runtime
 that ran just before keeps its worker threads spinning for a while after returning, and without the pause each
