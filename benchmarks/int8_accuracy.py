@@ -26,7 +26,7 @@ from resnet.data.views import canonical_view, view_logits
 from resnet.evaluate import class_mapping, view_config
 from resnet.inference import InferenceModel
 from resnet.loading import load_model
-from resnet.quantize import CALIBRATION_SIZE, calibration_batches
+from resnet.quantize import CALIBRATION_SIZE, calibration_batches, calibration_split
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
                       seed=int(carve.get("seed", 0)))
     split = args.split or ("test" if "test" in ds.splits else "val")
     view = canonical_view(args.views or meta.get("eval_view") or "center")
-    source = "train" if "train" in ds.splits and split != "train" else split
+    source = calibration_split(ds.splits, split)
     batches = calibration_batches(ds.splits[source], meta, size=CALIBRATION_SIZE)
     fp32 = InferenceModel(model, meta, precision="fp32")
     int8 = InferenceModel(model, meta, precision="int8", calibration=batches)

@@ -187,9 +187,9 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
                          channels_last=True, eval_view=view, cfg=view_config(meta))
     calibration = batches = None
     if predictor is None and precision == "int8":
-        from .quantize import CALIBRATION_SIZE, calibration_batches
+        from .quantize import CALIBRATION_SIZE, calibration_batches, calibration_split
 
-        source = "train" if "train" in ds.splits and split != "train" else split
+        source = calibration_split(ds.splits, split)
         batches = calibration_batches(ds.splits[source], meta, size=calibration_size or CALIBRATION_SIZE)
         calibration = {"split": source, "n": sum(len(b) for b in batches)}
     predictor = predictor or InferenceModel(model, meta, backend=backend, device=device, precision=precision,

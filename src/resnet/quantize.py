@@ -39,6 +39,12 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+def calibration_split(splits, scored: str) -> str:
+    """The split int8 calibrates on when `scored` is evaluated: train, so never the scored images, unless the
+    scored split is train or the data has no train split."""
+    return "train" if "train" in splits and scored != "train" else scored
+
+
 def calibration_view(meta: dict) -> str:
     """One view per image: CIFAR models' own full image, ImageNet models' centre crop (the scale every
     other view is cut at)."""
