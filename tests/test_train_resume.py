@@ -276,3 +276,23 @@ def test_weights_that_turn_non_finite_under_a_finite_loss_stop_before_any_checkp
     with pytest.raises(UserError, match="weights became non-finite by iteration 6.*last good checkpoint: iteration 3"):
         train(_tiny(max_iters=8, checkpoint_every=3), tmp_path)
     assert checkpoint.all_finite(checkpoint.load(tmp_path / checkpoint.NAME)["model"])
+
+
+def test_a_data_folder_spelled_another_way_is_the_same_run(tmp_path, monkeypatch):
+    """A run started with its data as an absolute path resumes (or returns its summary) when the command names
+    the same folder relative to the working directory, and is refused for another folder."""
+    from resnet.errors import UserError
+    from resnet.train import train
+    from resnet.train.config import changed_settings
+    from test_data_folder import make_folder
+
+    data = make_folder(tmp_path / "imgs", {"train": {"a": 8, "b": 8}}, size=(8, 8))
+    other = make_folder(tmp_path / "other", {"train": {"a": 8, "b": 8}}, size=(8, 8))
+    out = tmp_path / "run"
+    first = train(_tiny(data=str(data), in_chans=3, val_size=4, batch_size=8, ref_batch_size=8), out)
+    monkeypatch.chdir(tmp_path)
+    assert train(_tiny(data="imgs/", in_chans=3, val_size=4, batch_size=8, ref_batch_size=8), out) == first
+    with pytest.raises(UserError, match=r"different settings \(data\)"):
+        train(_tiny(data="other", in_chans=3, val_size=4, batch_size=8, ref_batch_size=8), out)
+    assert changed_settings({"data": "cifar10", "lr": 0.1}, {"data": str(other), "lr": 0.1}) == ["data"]
+    assert changed_settings({"data": "digits", "threads": 1}, {"data": "digits", "threads": 2}) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import os
 import re
 import types
@@ -252,6 +253,28 @@ def load_recipe(name_or_path: str, overrides: typing.Iterable[str] = ()) -> Trai
 def config_from_dict(values: dict) -> TrainConfig:
     """Rebuild a config saved with a run (unknown keys are an error, so old files fail loudly)."""
     return TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
+
+
+_SAME_PLACE_KEYS = ("data", "init_from")  # a path given relative in one command and absolute in the next
+
+
+def _same_place(a, b) -> bool:
+    if a == b:
+        return True
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # a dataset name, or a path that is gone: only the same spelling is the same
+        return False
+
+
+def changed_settings(old: dict, new: dict) -> list[str]:
+    """The settings that differ between a run's saved config and a command's, sorted, ignoring the ones that
+    may change between a run and its resumption (RUNTIME_KEYS). Data and weight paths count as the same when
+    they name the same file or folder, however spelled."""
+    keys = sorted((set(old) | set(new)) - RUNTIME_KEYS)
+    return [k for k in keys if not (_same_place if k in _SAME_PLACE_KEYS else operator.eq)(old.get(k), new.get(k))]
 
 
 _CHOICES = {

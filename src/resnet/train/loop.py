@@ -23,7 +23,7 @@ from .. import artifacts
 from ..errors import UserError
 from ..models import create_model, model_spec, resolve_options
 from . import checkpoint, distributed, outputs
-from .config import RUNTIME_KEYS, TrainConfig, config_from_dict, validate
+from .config import TrainConfig, changed_settings, config_from_dict, validate
 from .schedule import LRSchedule
 
 _NAN_ENV = "RESNET_TEST_NAN_AT"  # test hook: make the loss NaN at this iteration
@@ -291,7 +291,7 @@ class Trainer:
         state = checkpoint.load(path, map_location="cpu")
         old = state["config"]
         new = self.cfg.to_dict()
-        diff = sorted(k for k in set(old) | set(new) if k not in RUNTIME_KEYS and old.get(k) != new.get(k))
+        diff = changed_settings(old, new)
         if diff:
             raise UserError(f"'{self.out}' holds a run with different settings ({', '.join(diff[:4])}); "
                             f"use the same recipe and overrides to resume it, or a new --out folder.")
@@ -676,7 +676,7 @@ def _existing_run(cfg: TrainConfig, out: Path) -> dict | None:
 
     old = config_from_dict(yaml.safe_load((out / "config.yaml").read_text())).to_dict()
     new = cfg.to_dict()
-    diff = sorted(k for k in new if k not in RUNTIME_KEYS and old.get(k) != new[k])
+    diff = changed_settings(old, new)
     if diff:
         if any((out / name).exists() and (out / name).stat().st_size for name in _OUTPUTS):
             raise UserError(f"'{out}' holds a run with different settings ({', '.join(diff[:4])}); use the "
