@@ -140,6 +140,7 @@ def run_case(name: str, size: int, batch: int, rounds: int, env: dict) -> list[d
             "bench": "infer", "model": name, "input": size, "batch": batch, "method": key,
             "backend": methods[key].backend if key.startswith("ours") else key,
             "precision": "int8" if key == "ours int8" else "fp32",
+            **({"int8_weight_bits": ours_int8.weight_bits} if key == "ours int8" else {}),
             **({"ort_setting": chosen[key]} if key in chosen else {}),
             "images_per_s": round(ips[key], 2),
             "vs_eager": round(ips[key] / ips["eager"], 3), "vs_onnxruntime": round(ips[key] / ips["onnxruntime"], 3),

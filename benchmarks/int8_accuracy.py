@@ -8,7 +8,7 @@ agree, the images only one of them gets right (the paired counts of a McNemar te
 cosine of the two logit vectors (minimum and median). The errors equal what `resnet eval --precision
 fp32|int8` prints for the same split and view.
 
-Run: python benchmarks/int8_accuracy.py [RUN_DIR] [--data DATA] [--split val] [--views full]
+Run: python benchmarks/int8_accuracy.py [RUN_DIR] [--data DATA] [--split val] [--views full] [--weight-bits 7|8]
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--data", help="data to score (default: what the model was trained on, per model.json)")
     parser.add_argument("--split", default=None, help="split to score (default: test, else val)")
     parser.add_argument("--views", default=None, help="evaluation view (default: the model's)")
+    parser.add_argument("--weight-bits", type=int, choices=(7, 8), default=None, dest="weight_bits",
+                        help="bits of the int8 weights (default: 8 where this CPU has VNNI, else 7, as resnet eval)")
     args = parser.parse_args()
     if not Path(args.model).exists():
         raise SystemExit(f"no model at {args.model}; run `make demo` first, or pass a run directory.")
@@ -52,7 +54,7 @@ def main() -> None:
     source = calibration_split(ds.splits, split)
     batches = calibration_batches(ds.splits[source], meta, size=CALIBRATION_SIZE)
     fp32 = InferenceModel(model, meta, precision="fp32")
-    int8 = InferenceModel(model, meta, precision="int8", calibration=batches)
+    int8 = InferenceModel(model, meta, precision="int8", calibration=batches, weight_bits=args.weight_bits)
     mapping = class_mapping(list(meta["classes"]), list(ds.classes))
     loader = make_loader(ds.splits[split], 250, train=False, augment="none", mean=meta["mean"],
                          std=meta["std"], channels_last=True, eval_view=view, cfg=view_config(meta))
@@ -73,7 +75,8 @@ def main() -> None:
         # the paired counts behind the difference (McNemar): images only one of the two gets right
         "only_fp32_right": int((right32 & ~right8).sum()), "only_int8_right": int((right8 & ~right32).sum()),
         "logit_cosine_min": round(cos.min().item(), 5), "logit_cosine_median": round(cos.median().item(), 5),
-        "calibration": {"split": source, "n": sum(len(t) for t in batches)}, **machine()}))
+        "calibration": {"split": source, "n": sum(len(t) for t in batches), "weight_bits": int8.weight_bits},
+        **machine()}))
 
 
 if __name__ == "__main__":

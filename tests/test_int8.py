@@ -88,6 +88,52 @@ def test_int8_logits_follow_fp32_and_the_stem_and_classifier_stay_fp32():
     assert float((a.argmax(1) == b.argmax(1)).float().mean()) >= 0.9
 
 
+def _conv_weight_ranges(q) -> list[int]:
+    """The largest |int8 weight| of each quantized convolution of the QDQ model `q`."""
+    from onnx import numpy_helper
+
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    produced_by = {out: n for n in q.graph.node for out in n.output}
+    ranges = []
+    for conv in (n for n in q.graph.node if n.op_type == "Conv"):
+        dq = produced_by.get(conv.input[1])
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            w = inits[dq.input[0]]
+            assert w.dtype == np.int8
+            ranges.append(int(np.abs(w.astype(np.int32)).max()))
+    return ranges
+
+
+@pytest.mark.parametrize("bits", [7, 8])
+def test_weight_bits_bound_the_int8_weights_and_the_file_records_them(bits):
+    """7-bit weights stay within +-64, so the u8 x s8 pair sums of CPUs without VNNI fit in 16 bits; 8-bit
+    weights use the full +-127 (each channel's largest weight maps to the end of the range)."""
+    from resnet.export import export_meta, onnx_bytes
+    from resnet.inference import fold_bn
+    from resnet.quantize import quantize_onnx
+
+    fp32 = onnx_bytes(fold_bn(model()), export_meta(meta(), bn_folded=True, fmt="onnx"))
+    q = onnx.load_from_string(quantize_onnx(fp32, batches(), weight_bits=bits))
+    ranges = _conv_weight_ranges(q)
+    assert len(ranges) == 20 and max(ranges) == {7: 64, 8: 127}[bits] and min(ranges) >= {7: 63, 8: 126}[bits]
+    props = {p.key: p.value for p in q.metadata_props}
+    assert json.loads(props["resnet"])["int8_weight_bits"] == bits
+    with pytest.raises(UserError, match="int8 weights have 7 or 8 bits, not 4"):
+        quantize_onnx(fp32, batches(), weight_bits=4)
+
+
+def test_the_default_weight_bits_follow_vnni_and_a_portable_file_gets_7(monkeypatch):
+    import resnet.machine
+    from resnet.quantize import weight_bits_for
+
+    for vnni, bits in ((True, 8), (False, 7)):
+        monkeypatch.setattr(resnet.machine, "has_vnni", lambda cpuinfo=None, v=vnni: v)
+        assert weight_bits_for() == bits and weight_bits_for(portable=True) == 7
+        assert weight_bits_for(8, portable=True) == 8 and weight_bits_for(7) == 7
+        ours = InferenceModel(model(), meta(), precision="int8", calibration=batches(32), threads=1)
+        assert ours.weight_bits == bits
+
+
 def test_int8_refuses_other_backends_devices_and_a_missing_calibration():
     with pytest.raises(UserError, match="int8 inference runs on ONNX Runtime on the CPU"):
         InferenceModel(model(), meta(), backend="torch", precision="int8", calibration=batches())
@@ -115,6 +161,8 @@ def test_calibration_images_are_a_seeded_draw_and_offset_gives_others(tmp_path):
 
 
 def test_eval_with_int8_calibrates_on_train_and_says_so(tmp_path, capsys):
+    from resnet.quantize import weight_bits_for
+
     data = folder(tmp_path / "data", {"train": 8, "test": 4})
     run = run_dir(tmp_path / "run")
     common = ["eval", str(run), "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--format", "json"]
@@ -123,9 +171,11 @@ def test_eval_with_int8_calibrates_on_train_and_says_so(tmp_path, capsys):
     assert main(common + ["--precision", "int8", "--calibration-size", "20"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["precision"] == "int8" and fp32["precision"] == "fp32"
-    assert res["calibration"] == {"split": "train", "n": 20} and res["split"] == "test" and res["n"] == 12
-    assert main(common[:-2] + ["--precision", "int8"]) == 0
-    assert "view full, int8: n=12" in capsys.readouterr().out
+    assert res["calibration"] == {"split": "train", "n": 20, "weight_bits": weight_bits_for()}
+    assert res["split"] == "test" and res["n"] == 12
+    assert main(common[:-2] + ["--precision", "int8", "--weight-bits", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "view full, int8: n=12" in out and "images of the train split, 7-bit weights)" in out
 
 
 def test_export_int8_writes_onnx_with_its_metadata_and_refuses_other_formats(tmp_path, capsys):
@@ -136,11 +186,15 @@ def test_export_int8_writes_onnx_with_its_metadata_and_refuses_other_formats(tmp
     out = tmp_path / "q.onnx"
     assert main(["export", str(run), "--format", "onnx", "--precision", "int8", "--out", str(out)]) == 0
     line = capsys.readouterr().out  # all 18 images calibrate (fewer than 512), none are left to check on
-    assert "onnx int8" in line and "calibrated on 18 images" in line and "not checked" in line
+    assert "onnx int8, 7-bit weights" in line and "calibrated on 18 images" in line and "not checked" in line
+    assert read_onnx_meta(out)["int8_weight_bits"] == 7  # on any CPU: the file may run on one without VNNI
     assert main(["export", str(run), "--format", "onnx", "--precision", "int8", "--out", str(out),
-                 "--calibration-size", "10"]) == 0
-    assert re.search(r"top-1 agrees with PyTorch fp32 on \d+\.\d% of 8 other images", capsys.readouterr().out)
+                 "--calibration-size", "10", "--weight-bits", "8"]) == 0
+    line = capsys.readouterr().out
+    assert "onnx int8, 8-bit weights" in line
+    assert re.search(r"top-1 agrees with PyTorch fp32 on \d+\.\d% of 8 other images", line)
     assert read_onnx_meta(out)["precision"] == "int8" and read_onnx_meta(out)["classes"] == CLASSES
+    assert read_onnx_meta(out)["int8_weight_bits"] == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "q.onnx", "run"]  # no temporary left
     assert main(["export", str(run), "--format", "torchscript", "--precision", "int8", "--out",
                  str(tmp_path / "q.pt")]) == 2
@@ -165,10 +219,12 @@ def test_predict_int8_needs_data_to_calibrate_on(tmp_path, capsys):
 def test_calibration_flags_without_int8_are_refused_in_one_sentence(tmp_path, capsys):
     run = run_dir(tmp_path / "run")
     assert main(["eval", str(run), "--calibration-size", "5"]) == 2
-    assert capsys.readouterr().err == ("resnet eval: --calibration-size calibrates int8 models; add --precision "
+    assert capsys.readouterr().err == ("resnet eval: --calibration-size is for int8 models only; add --precision "
                                        "int8, or leave it out.\n")
     assert main(["predict", str(run), "x.png", "--calibration-data", "digits", "--calibration-size", "3"]) == 2
-    assert "--calibration-size and --calibration-data calibrate int8 models" in capsys.readouterr().err
+    assert "--calibration-size and --calibration-data are for int8 models only" in capsys.readouterr().err
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--weight-bits", "8"]) == 2
+    assert "--weight-bits is for int8 models only; add --precision int8" in capsys.readouterr().err
     assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--precision", "int8",
                  "--calibration-size", "0"]) == 2
     assert "--calibration-size must be at least 1 image, not 0." in capsys.readouterr().err

@@ -1,6 +1,7 @@
-"""The FP32 peak every benchmark line divides by: FLOP per cycle from the CPU's flags and family."""
+"""The FP32 peak every benchmark line divides by (FLOP per cycle from the CPU's flags and family), and the
+VNNI check that picks int8 weights' bits."""
 
-from resnet.machine import flop_per_cycle, machine_info
+from resnet.machine import flop_per_cycle, has_vnni, machine_info
 
 
 def cpuinfo(vendor: str, family: int, flags: str) -> str:
@@ -31,3 +32,12 @@ def test_machine_info_reports_a_peak_consistent_with_its_clock():
     if info["mhz"]:
         per_core_cycle = info["fp32_peak_gflops"] * 1e3 / (info["cores"] * info["mhz"])
         assert round(per_core_cycle) in (32, 64)
+
+
+def test_vnni_is_any_of_its_three_flags_as_a_word():
+    assert has_vnni(cpuinfo("AuthenticAMD", 25, "avx2 avx512f avx512_vnni"))
+    assert has_vnni(cpuinfo("GenuineIntel", 6, "avx2 avx_vnni"))  # Alder Lake and later, without AVX-512
+    assert has_vnni(cpuinfo("GenuineIntel", 6, "avx2 avx512f amx_int8"))
+    assert not has_vnni(cpuinfo("AuthenticAMD", 23, "avx fma avx2"))
+    assert not has_vnni(cpuinfo("GenuineIntel", 6, "avx2 avx512_vnnix"))
+    assert not has_vnni("")  # unreadable: 7-bit int8 weights, safe on every CPU

@@ -120,7 +120,8 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
              view: str | None = None, batch_size: int = 128, data_dir: str | None = None,
              cache_dir: str | None = None, per_class: bool = False, backend: str = "auto",
              device: str = "cpu", predictor=None, val_size: float | None = None,
-             data_seed: int | None = None, precision: str = "fp32", calibration_size: int | None = None) -> dict:
+             data_seed: int | None = None, precision: str = "fp32", calibration_size: int | None = None,
+             weight_bits: int | None = None) -> dict:
     """Score `model` (as loaded by `resnet.loading.load_model`) on `split` of `data`.
 
     Normalisation is the model's own (meta mean/std), not the data's; `view` defaults to the model's
@@ -131,8 +132,8 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
     so the same images); the result then says what it carved in "val_carved".
 
     precision="int8" quantizes the model with activation ranges measured on `calibration_size` images of the
-    data's train split (never the scored images, unless the scored split is train or the only one); the result
-    says which in "calibration".
+    data's train split (never the scored images, unless the scored split is train or the only one), its weights
+    of `weight_bits` bits (default: this CPU's, see resnet/quantize.py); the result says which in "calibration".
     """
     from .data import load_dataset, make_loader
     from .data.dataset import carve_val
@@ -191,9 +192,10 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
 
         source = calibration_split(ds.splits, split)
         batches = calibration_batches(ds.splits[source], meta, size=calibration_size or CALIBRATION_SIZE)
-        calibration = {"split": source, "n": sum(len(b) for b in batches)}
     predictor = predictor or InferenceModel(model, meta, backend=backend, device=device, precision=precision,
-                                            calibration=batches)
+                                            calibration=batches, weight_bits=weight_bits)
+    if batches is not None:
+        calibration = {"split": source, "n": sum(len(b) for b in batches), "weight_bits": predictor.weight_bits}
     start = time.perf_counter()
     scorer = score(predictor, loader.iter_epoch(0), mapping, len(classes))
     wall = time.perf_counter() - start

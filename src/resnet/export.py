@@ -124,11 +124,12 @@ def safetensors_bytes(net: nn.Module, meta: dict) -> bytes:
 
 
 def export_model(model: nn.Module, meta: dict, fmt: str, out: str | Path, *, fold: bool | None = None,
-                 calibration=None) -> Path:
+                 calibration=None, weight_bits: int | None = None) -> Path:
     """Write `model` to `out` as `fmt` ("onnx" | "torchscript" | "safetensors"); returns the path.
 
     `fold=None` folds BatchNorm for onnx and torchscript and keeps it for safetensors. `calibration` (onnx
-    only): batches to calibrate an int8 model on (resnet.quantize); the file is then the int8 model.
+    only): batches to calibrate an int8 model on (resnet.quantize); the file is then the int8 model, its weights
+    of `weight_bits` bits (default 7, which every CPU runs without overflow; 8 only for CPUs with VNNI).
     """
     if fmt not in FORMATS:
         raise UserError(f"export format must be one of {', '.join(FORMATS)}, not '{fmt}'.")
@@ -143,9 +144,9 @@ def export_model(model: nn.Module, meta: dict, fmt: str, out: str | Path, *, fol
     if fmt == "onnx":
         data = onnx_bytes(net, doc)
         if calibration is not None:
-            from .quantize import quantize_onnx
+            from .quantize import quantize_onnx, weight_bits_for
 
-            data = quantize_onnx(data, calibration)
+            data = quantize_onnx(data, calibration, weight_bits_for(weight_bits, portable=True))
     elif fmt == "torchscript":
         data = torchscript_bytes(net, doc)
     else:

@@ -120,14 +120,15 @@ class _TunedSession:
 
     TRIALS = 3  # timed calls per candidate, after one untimed warm-up call each, candidate after candidate
 
-    def __init__(self, net: nn.Module, meta: dict, threads: int | None, calibration=None):
+    def __init__(self, net: nn.Module, meta: dict, threads: int | None, calibration=None,
+                 weight_bits: int | None = None):
         from .export import export_meta, onnx_bytes, onnx_session
 
         data = onnx_bytes(net, export_meta(meta, bn_folded=True, fmt="onnx"))
         if calibration is not None:  # int8: the same graph, quantized with ranges measured on these batches
             from .quantize import quantize_onnx
 
-            data = quantize_onnx(data, calibration)
+            data = quantize_onnx(data, calibration, weight_bits)
         if threads:
             configs = [(threads, True)]
         else:
@@ -174,13 +175,15 @@ class InferenceModel:
 
     precision "int8" (opt-in; onnxruntime only): the ONNX model statically quantized, its activation ranges
     measured on `calibration`, an iterable of normalised float batches as the model sees them
-    (`resnet.quantize.calibration_batches` draws them from a data split). See resnet/quantize.py.
+    (`resnet.quantize.calibration_batches` draws them from a data split), its weights of `weight_bits` bits
+    (default: 8 where this CPU has VNNI, else 7; the choice is in `.weight_bits`). See resnet/quantize.py.
     """
 
     def __init__(self, model: nn.Module, meta: dict | None = None, *, backend: str = "auto",
                  device: str | torch.device = "cpu", channels_last: bool = True, fold: bool = True,
-                 threads: int | None = None, precision: str = "fp32", calibration=None):
-        from .quantize import check_precision
+                 threads: int | None = None, precision: str = "fp32", calibration=None,
+                 weight_bits: int | None = None):
+        from .quantize import check_precision, weight_bits_for
 
         if backend not in BACKENDS:
             raise UserError(f"inference backend must be one of {', '.join(BACKENDS)}, not '{backend}'.")
@@ -201,6 +204,7 @@ class InferenceModel:
                 raise UserError("int8 inference needs calibration images (batches as the model sees them) to "
                                 "measure its activation ranges; pass calibration=.")
             backend = "onnxruntime"
+        self.weight_bits = weight_bits_for(weight_bits) if precision == "int8" else None
         if backend == "auto":  # the ONNX export needs the input size that model.json records
             usable = self.device.type == "cpu" and "input_size" in self.meta and _has_onnxruntime()
             backend = "onnxruntime" if usable else "torch"
@@ -224,7 +228,8 @@ class InferenceModel:
         if backend == "compile":
             self._fn = torch.compile(net)
         elif backend == "onnxruntime":
-            self._ort = _TunedSession(net, self.meta, threads, calibration if precision == "int8" else None)
+            self._ort = _TunedSession(net, self.meta, threads, calibration if precision == "int8" else None,
+                                      self.weight_bits)
 
     @property
     def classes(self) -> list[str]:

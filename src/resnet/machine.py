@@ -51,12 +51,23 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The instruction-set flags of /proc/cpuinfo's text (this machine's when None; empty where unreadable)."""
+    m = re.search(r"^flags\s*:(.*)$", _cpuinfo() if cpuinfo is None else cpuinfo, re.M)
+    return set(m.group(1).split()) if m else set()
+
+
+def has_vnni(cpuinfo: str | None = None) -> bool:
+    """Whether the cores have VNNI (AVX512_VNNI, AVX-VNNI, or AMX's int8 unit): u8 x s8 dot products summed in
+    32 bits. Without it, ONNX Runtime's int8 kernels sum pairs of products in 16 bits (resnet/quantize.py)."""
+    return bool(cpu_flags(cpuinfo) & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 def flop_per_cycle(cpuinfo: str) -> int:
     """FP32 FLOP per cycle and core, from /proc/cpuinfo's text: 64 with AVX-512 (two 16-wide FMA units),
     else 32 (AVX2). AMD cores before Zen 5 (CPU family 25 and lower: Zen 4 is the first with AVX-512) run
     each 512-bit FMA as two passes through 256-bit units, so they stay at 32."""
-    m = re.search(r"^flags\s*:(.*)$", cpuinfo, re.M)
-    if m is None or "avx512f" not in m.group(1).split():
+    if "avx512f" not in cpu_flags(cpuinfo):
         return FLOP_PER_CYCLE_AVX2
     family = re.search(r"^cpu family\s*:\s*(\d+)", cpuinfo, re.M)
     if "AuthenticAMD" in cpuinfo and family is not None and int(family.group(1)) < 26:

@@ -4,12 +4,18 @@ The convolutions of the residual stages run on ONNX Runtime's int8 kernels (u8 a
 per output channel, QDQ format); the stem convolution (3 input channels, a sliver of the work) and the
 classifier stay fp32, the usual practice for the layers that see raw pixels and produce the logits.
 Activation ranges come from a calibration pass over `CALIBRATION_SIZE` images of the model's own training
-data (min/max). Weights use 7 bits of the 8 (`reduce_range`): on CPUs without VNNI, as this project's
-2-core AVX2 machine, the int8 kernels add pairs of u8 x s8 products in 16 bits and full-range weights
-overflow there. Measured on the paper-recipe ResNet-20, 5,000 validation images, single view
-(docs/inference.md): fp32 11.54%; int8 as here 11.46% (top-1 agrees with fp32 on 98.96% of images);
-with the stem and classifier quantized too 11.66%. With everything quantized and 1024 calibration images,
-8-bit weights gave 12.76% against 11.58% for 7-bit ones.
+data (min/max). Weights are per output channel, with 7 or 8 bits (`weight_bits`). On CPUs without VNNI,
+as this project's 2-core AVX2 machine, the int8 kernels add pairs of u8 x s8 products in 16 bits and full-range
+weights overflow there, so they get 7 bits (ONNX Runtime's `reduce_range`). VNNI sums in 32 bits, so where
+the CPU has it, 8-bit weights are the default. Measured on the AVX2 machine, the paper-recipe ResNet-20, 5,000
+validation images, single view (docs/inference.md): fp32 11.54%; int8 with 7-bit weights 11.46% (top-1 agrees
+with fp32 on 98.96% of images); with the stem and classifier quantized too 11.66%. With everything quantized
+and 1024 calibration images, 8-bit weights gave 12.76% against 11.58% for 7-bit ones. On a VNNI CPU (Zen 4),
+8-bit weights agreed with fp32 more often than 7-bit ones on all four models and views checked
+(docs/inference.md), with equal errors within noise.
+
+An exported int8 file may run on another CPU than the one that wrote it, so `resnet export` writes 7-bit
+weights unless told otherwise; `eval` and `predict` quantize for the CPU they run on.
 
 int8 is opt-in (`--precision int8`): it is a different model from the one trained, close but not equal,
 so every command that uses it says so, and `resnet eval --precision int8` measures how close.
@@ -29,6 +35,7 @@ import torch
 from .errors import UserError
 
 PRECISIONS = ("fp32", "int8")
+WEIGHT_BITS = (7, 8)
 CALIBRATION_SIZE = 512  # images
 CALIBRATION_BATCH = 64
 
@@ -37,6 +44,18 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not '{precision}'.")
     return precision
+
+
+def weight_bits_for(bits: int | None = None, *, portable: bool = False) -> int:
+    """The int8 weights' bits: `bits` when given (7 or 8), else 7 for a file that may run on any CPU
+    (`portable`), else 8 where this CPU has VNNI and 7 where it does not."""
+    from .machine import has_vnni
+
+    if bits is None:
+        return 7 if portable or not has_vnni() else 8
+    if bits not in WEIGHT_BITS:
+        raise UserError(f"int8 weights have 7 or 8 bits, not {bits}.")
+    return bits
 
 
 def calibration_split(splits, scored: str) -> str:
@@ -90,8 +109,10 @@ def calibration_batches(split, meta: dict, size: int = CALIBRATION_SIZE, seed: i
     return list(x.split(batch_size))
 
 
-def quantize_onnx(model_bytes: bytes, batches: Iterable[torch.Tensor]) -> bytes:
-    """The int8 (QDQ) version of an fp32 ONNX model, activation ranges calibrated on `batches`."""
+def quantize_onnx(model_bytes: bytes, batches: Iterable[torch.Tensor], weight_bits: int | None = None) -> bytes:
+    """The int8 (QDQ) version of an fp32 ONNX model, activation ranges calibrated on `batches`, its weights of
+    `weight_bits` bits (default: as `weight_bits_for` chooses for this CPU); the metadata records the bits."""
+    bits = weight_bits_for(weight_bits)
     try:
         import onnx
         from onnxruntime.quantization import (
@@ -129,7 +150,7 @@ def quantize_onnx(model_bytes: bytes, batches: Iterable[torch.Tensor]) -> bytes:
                 f.write(model_bytes)
             quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                            reduce_range=True, calibrate_method=CalibrationMethod.MinMax,
+                            reduce_range=bits == 7, calibrate_method=CalibrationMethod.MinMax,
                             nodes_to_exclude=keep_fp32)
             out = onnx.load(dst)
     finally:
@@ -139,6 +160,7 @@ def quantize_onnx(model_bytes: bytes, batches: Iterable[torch.Tensor]) -> bytes:
         if key == "resnet":
             meta = json.loads(value)
             meta["precision"] = "int8"
+            meta["int8_weight_bits"] = bits
             value = json.dumps(meta)
         entry = out.metadata_props.add()
         entry.key, entry.value = key, value

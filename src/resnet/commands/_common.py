@@ -53,14 +53,23 @@ def cpu_for_int8(args: argparse.Namespace) -> str:
     return "cpu" if getattr(args, "precision", "fp32") == "int8" and args.device == "auto" else args.device
 
 
+def add_weight_bits(parser: argparse.ArgumentParser, *, portable: bool = False) -> None:
+    default = ("default 7, which every CPU runs; 8 is closer to fp32 but only for CPUs with VNNI (AVX512_VNNI, "
+               "AVX-VNNI), where the file will run" if portable else
+               "default 8 where this CPU has VNNI, else 7 (without VNNI, 8-bit weights can overflow)")
+    parser.add_argument("--weight-bits", type=int, default=None, choices=(7, 8), dest="weight_bits",
+                        help=f"bits of the int8 weights ({default}; docs/inference.md)")
+
+
 def check_int8_flags(args: argparse.Namespace) -> None:
     """The calibration flags mean something only with --precision int8; given without it, say so."""
     from ..errors import UserError
 
     given = [flag for flag, dest in (("--calibration-size", "calibration_size"),
-                                     ("--calibration-data", "calibration_data")) if getattr(args, dest, None)]
+                                     ("--calibration-data", "calibration_data"),
+                                     ("--weight-bits", "weight_bits")) if getattr(args, dest, None)]
     if given and getattr(args, "precision", "fp32") != "int8":
-        raise UserError(f"{' and '.join(given)} {'calibrate' if len(given) > 1 else 'calibrates'} int8 models; "
+        raise UserError(f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} for int8 models only; "
                         f"add --precision int8, or leave "
                         f"{'them' if len(given) > 1 else 'it'} out.")
     if getattr(args, "calibration_size", None) is not None and args.calibration_size < 1:

@@ -11,6 +11,7 @@ HELP = "top-1/top-5 error of a trained model on a data split"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..data.views import VIEWS
     from ..loading import add_model_arguments
+    from ._common import add_weight_bits
 
     add_model_arguments(parser)
     parser.add_argument("--data", default=None,
@@ -41,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "train split (docs/inference.md); the error printed is the int8 model's")
     parser.add_argument("--calibration-size", type=int, default=None, dest="calibration_size",
                         help="images to calibrate int8 on (default 512)")
+    add_weight_bits(parser)
     parser.add_argument("--format", choices=("table", "json"), default="table", help="output format")
 
 
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                    data_dir=data_dir, cache_dir=args.cache_dir,
                    per_class=args.per_class or bool(args.confusion), backend=args.backend,
                    device=resolve_device(_cpu_for_int8(args)), val_size=args.val_size, data_seed=args.data_seed,
-                   precision=args.precision, calibration_size=args.calibration_size)
+                   precision=args.precision, calibration_size=args.calibration_size, weight_bits=args.weight_bits)
     confusion = res.pop("_confusion")
     if not args.per_class:
         res.pop("per_class", None)
@@ -98,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     if res.get("skipped"):
         print(f"({res['skipped']} unreadable images skipped)")
     if res.get("calibration"):
-        print(f"(int8 calibrated on {res['calibration']['n']} images of the {res['calibration']['split']} split)")
+        cal = res["calibration"]
+        print(f"(int8 calibrated on {cal['n']} images of the {cal['split']} split, {cal['weight_bits']}-bit weights)")
     if args.per_class:
         rows = [[r["class"], r["n"], "-" if r["top1_err"] is None else f"{100 * r['top1_err']:.2f}"]
                 for r in res["per_class"]]

@@ -23,6 +23,7 @@ RUN_FILES = ("model.safetensors", "model.json", "checkpoint.pt", "config.yaml", 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..loading import add_model_arguments
+    from ._common import add_weight_bits
 
     add_model_arguments(parser)
     parser.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors"),
@@ -40,12 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data whose train split int8 is calibrated on (default: the model's training data)")
     parser.add_argument("--calibration-size", type=int, default=None, dest="calibration_size",
                         help="images to calibrate int8 on (default 512)")
+    add_weight_bits(parser, portable=True)
     parser.add_argument("--data-dir", dest="data_dir", help="where cifar10/cifar100 live (for calibration)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
-    from ..export import export_error, export_model
+    from ..export import export_error, export_model, read_onnx_meta
     from ..loading import load_from_args
     from ._common import check_int8_flags
 
@@ -70,11 +72,13 @@ def run(args: argparse.Namespace) -> int:
     # replaces the file a user already had at --out.
     tmp = out.with_name(f".{out.name}.unchecked{out.suffix}")
     try:
-        export_model(model, meta, args.format, tmp, fold=args.fold_bn, calibration=calibration)
+        export_model(model, meta, args.format, tmp, fold=args.fold_bn, calibration=calibration,
+                     weight_bits=args.weight_bits)
         line = f"wrote {out} ({args.format}, {tmp.stat().st_size / 1e6:.1f} MB)"
         if calibration is not None:  # int8 is close to fp32, not equal: checked as agreement of the top class
-            line = f"wrote {out} (onnx int8, {tmp.stat().st_size / 1e6:.1f} MB, calibrated on {info['n']} images " \
-                   f"of {info['data']} ({info['split']}))"
+            bits = read_onnx_meta(tmp)["int8_weight_bits"]
+            line = f"wrote {out} (onnx int8, {bits}-bit weights, {tmp.stat().st_size / 1e6:.1f} MB, calibrated on " \
+                   f"{info['n']} images of {info['data']} ({info['split']}))"
             if held_out and not args.no_check:
                 import torch
 

@@ -11,6 +11,7 @@ HELP = "class predictions for images or folders"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..loading import add_model_arguments
+    from ._common import add_weight_bits
 
     add_model_arguments(parser)
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of them")
@@ -27,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "as its model.json records)")
     parser.add_argument("--calibration-size", type=int, default=None, dest="calibration_size",
                         help="images to calibrate int8 on (default 512)")
+    add_weight_bits(parser)
     parser.add_argument("--data-dir", dest="data_dir", help="where cifar10/cifar100 live (for calibration)")
 
 
@@ -50,10 +52,11 @@ def run(args: argparse.Namespace) -> int:
 
         calibration, info, _ = calibration_from_data(meta, args.calibration_data, data_dir=args.data_dir,
                                                   size=args.calibration_size)
-        print(f"resnet predict: int8, calibrated on {info['n']} images of {info['data']} ({info['split']}).",
-              file=sys.stderr)
     predictor = InferenceModel(model, meta, backend=args.backend, device=resolve_device(_cpu_for_int8(args)),
-                               precision=args.precision, calibration=calibration)
+                               precision=args.precision, calibration=calibration, weight_bits=args.weight_bits)
+    if calibration is not None:
+        print(f"resnet predict: int8, calibrated on {info['n']} images of {info['data']} ({info['split']}), "
+              f"{predictor.weight_bits}-bit weights.", file=sys.stderr)
     results = predict_files(predictor, meta, paths, topk=args.topk, batch_size=args.batch_size) + problems
     for r in results:  # a file name that is not UTF-8 is shown with \x escapes, not a crash on printing it
         r.update({k: _printable(r[k]) for k in ("path", "error") if k in r})
