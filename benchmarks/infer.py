@@ -9,8 +9,10 @@ Cases (the issue's): ResNet-50 at 224x224, batch 1 and 32; ResNet-20 at 32x32, b
   calibrated on real images other than the checked ones. Its accuracy is not equal to fp32 by construction:
   its line reports top-1 agreement with eager on the checked images, and docs/inference.md the validation error
   in both precisions of trained ResNet-20s and of a ResNet-50 trained on CIFAR images
-  (benchmarks/int8_accuracy.py). Its logits are also compared by cosine similarity per image: on these
+  (benchmarks/precision_accuracy.py). Its logits are also compared by cosine similarity per image: on these
   untrained models the top classes are near ties, so top-1 agreement says little there.
+- ours bf16, on CPUs that compute in bf16 (AVX512_BF16, AMX) only: `InferenceModel(precision="bf16")`, the
+  folded channels_last model in bfloat16 on PyTorch (oneDNN). Checked like int8 (agreement and cosine).
 Methods are timed in interleaved rounds (eager, ours, ort, eager, ...) so that load from other processes hits
 all three alike; the figure is the median. Before each timed call the benchmark sleeps SETTLE_S: the runtime
 that ran just before keeps its worker threads spinning for a while after returning, and without the pause each
@@ -50,6 +52,7 @@ from resnet.data.decode import decode_image
 from resnet.data.views import center_view
 from resnet.export import export_meta, onnx_bytes
 from resnet.inference import InferenceModel, default_threads, fold_bn
+from resnet.machine import has_native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10" / "train"
@@ -109,6 +112,8 @@ def run_case(name: str, size: int, batch: int, rounds: int, env: dict) -> list[d
         return torch.from_numpy(ref_sess.run(None, {"input": x.numpy()})[0])
 
     methods = {"eager": eager, "ours": ours, "onnxruntime": onnxruntime, "ours int8": ours_int8}
+    if has_native_bf16():
+        methods["ours bf16"] = InferenceModel(model, meta, precision="bf16")
     # Equal accuracy on real images (8 at batch 1, else one batch), fed in batches of the case's size.
     ref = torch.cat([eager(c) for c in check.split(batch)])
     agree = {}
@@ -139,14 +144,14 @@ def run_case(name: str, size: int, batch: int, rounds: int, env: dict) -> list[d
         lines.append({
             "bench": "infer", "model": name, "input": size, "batch": batch, "method": key,
             "backend": methods[key].backend if key.startswith("ours") else key,
-            "precision": "int8" if key == "ours int8" else "fp32",
+            "precision": key.split()[1] if key in ("ours int8", "ours bf16") else "fp32",
             **({"int8_weight_bits": ours_int8.weight_bits} if key == "ours int8" else {}),
             **({"ort_setting": chosen[key]} if key in chosen else {}),
             "images_per_s": round(ips[key], 2),
             "vs_eager": round(ips[key] / ips["eager"], 3), "vs_onnxruntime": round(ips[key] / ips["onnxruntime"], 3),
             "gflop_per_image": round(flops / 1e9, 3), **fractions(ips[key] * flops / 1e9, env),
-            **({"peak_note": "int8: the model's FLOPs over the fp32 peaks, as if it ran in fp32"}
-               if key == "ours int8" else {}),
+            **({"peak_note": f"{key.split()[1]}: the model's FLOPs over the fp32 peaks, as if it ran in fp32"}
+               if key in ("ours int8", "ours bf16") else {}),
             "accuracy_check": agree[key], "rounds": rounds, **env, "load_avg_1m": round(os.getloadavg()[0], 2),
         })
     return lines

@@ -79,6 +79,59 @@ def test_inference_model_backends_match_eager(backend):
         assert predictor.backend == "onnxruntime"
 
 
+def _bf16_cpu(monkeypatch, native: bool) -> None:
+    import resnet.machine
+
+    monkeypatch.setattr(resnet.machine, "has_native_bf16", lambda cpuinfo=None: native)
+
+
+def test_bf16_inference_follows_fp32_and_returns_float32_logits(monkeypatch):
+    _bf16_cpu(monkeypatch, True)  # on a CPU without bf16 units it runs emulated: slow, but the same numbers
+    torch.manual_seed(0)
+    model = randomise_bn(create_model("resnet20", num_classes=5))
+    meta = {"arch": "resnet20", "classes": list("abcde"), "mean": [0.5] * 3, "std": [0.2] * 3,
+            "input_size": [3, 32, 32]}
+    ours = InferenceModel(model, meta, precision="bf16")
+    assert ours.backend == "torch" and ours.precision == "bf16"
+    assert {p.dtype for p in ours.module.parameters()} == {torch.bfloat16}
+    x = inputs((6, 3, 32, 32))
+    with torch.no_grad():
+        ref, out = model(x), ours(x)
+    cos = torch.nn.functional.cosine_similarity(out, ref, dim=1)
+    assert out.dtype == torch.float32 and float(cos.min()) > 0.99, cos  # bf16 keeps 8 bits of mantissa
+    assert 0 < float((out - ref).abs().max()) < 0.1 * float(ref.abs().max())  # rounded, so not equal
+
+
+def test_bf16_inference_is_refused_where_it_would_be_emulated_or_cannot_run(monkeypatch):
+    _bf16_cpu(monkeypatch, False)
+    with pytest.raises(UserError, match="bf16 inference needs a CPU with AVX512_BF16 or AMX, and this one has "
+                                        "neither"):
+        InferenceModel(create_model("resnet20"), precision="bf16")
+    _bf16_cpu(monkeypatch, True)
+    with pytest.raises(UserError, match="bf16 inference runs on PyTorch; use --backend auto, torch or compile"):
+        InferenceModel(create_model("resnet20"), precision="bf16", backend="onnxruntime")
+
+
+def test_bf16_on_the_command_line(tmp_path, monkeypatch, capsys):
+    from resnet.artifacts import save_model_artifacts
+    from resnet.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    save_model_artifacts(run, create_model("resnet20", num_classes=10, in_chans=1),
+                         {"arch": "resnet20", "options": {"num_classes": 10, "in_chans": 1},
+                          "classes": [str(i) for i in range(10)], "mean": [0.5], "std": [0.25],
+                          "input_size": [1, 8, 8], "eval_view": "full", "data": "digits"})
+    _bf16_cpu(monkeypatch, True)
+    assert main(["eval", str(run), "--precision", "bf16", "--device", "cpu"]) == 0
+    assert "view full, bf16: n=360" in capsys.readouterr().out
+    _bf16_cpu(monkeypatch, False)
+    assert main(["eval", str(run), "--precision", "bf16", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("resnet eval: bf16 inference needs a CPU with AVX512_BF16 or AMX") and err.count("\n") == 1
+
+
 def test_unknown_backend_is_a_user_error():
     with pytest.raises(UserError, match="backend must be one of"):
         InferenceModel(create_model("resnet20"), backend="tensorrt")

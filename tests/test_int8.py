@@ -139,7 +139,7 @@ def test_int8_refuses_other_backends_devices_and_a_missing_calibration():
         InferenceModel(model(), meta(), backend="torch", precision="int8", calibration=batches())
     with pytest.raises(UserError, match="needs calibration images"):
         InferenceModel(model(), meta(), precision="int8")
-    with pytest.raises(UserError, match="precision must be one of fp32, int8, not 'int4'"):
+    with pytest.raises(UserError, match="precision must be one of fp32, bf16, int8, not 'int4'"):
         InferenceModel(model(), meta(), precision="int4")
 
 

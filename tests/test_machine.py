@@ -1,7 +1,7 @@
 """The FP32 peak every benchmark line divides by (FLOP per cycle from the CPU's flags and family), and the
-VNNI check that picks int8 weights' bits."""
+VNNI and bf16 checks that int8 and bf16 inference ask."""
 
-from resnet.machine import flop_per_cycle, has_vnni, machine_info
+from resnet.machine import flop_per_cycle, has_native_bf16, has_vnni, machine_info
 
 
 def cpuinfo(vendor: str, family: int, flags: str) -> str:
@@ -41,3 +41,10 @@ def test_vnni_is_any_of_its_three_flags_as_a_word():
     assert not has_vnni(cpuinfo("AuthenticAMD", 23, "avx fma avx2"))
     assert not has_vnni(cpuinfo("GenuineIntel", 6, "avx2 avx512_vnnix"))
     assert not has_vnni("")  # unreadable: 7-bit int8 weights, safe on every CPU
+
+
+def test_native_bf16_is_avx512_bf16_or_amx():
+    assert has_native_bf16(cpuinfo("AuthenticAMD", 25, "avx2 avx512f avx512_bf16"))
+    assert has_native_bf16(cpuinfo("GenuineIntel", 6, "avx2 avx512f amx_bf16 amx_tile"))
+    assert not has_native_bf16(cpuinfo("GenuineIntel", 6, "avx2 avx512f avx512_vnni"))  # Ice Lake: no bf16
+    assert not has_native_bf16(cpuinfo("AuthenticAMD", 23, "avx fma avx2"))

@@ -131,9 +131,10 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
     `val_size`/`data_seed` when given, else the model's recorded meta["val_split"] (the same seeded carve,
     so the same images); the result then says what it carved in "val_carved".
 
-    precision="int8" quantizes the model with activation ranges measured on `calibration_size` images of the
-    data's train split (never the scored images, unless the scored split is train or the only one), its weights
-    of `weight_bits` bits (default: this CPU's, see resnet/quantize.py); the result says which in "calibration".
+    precision="bf16" runs the model in bfloat16 (see InferenceModel). precision="int8" quantizes the model with
+    activation ranges measured on `calibration_size` images of the data's train split (never the scored images,
+    unless the scored split is train or the only one), its weights of `weight_bits` bits (default: this CPU's,
+    see resnet/quantize.py); the result says which in "calibration".
     """
     from .data import load_dataset, make_loader
     from .data.dataset import carve_val

@@ -18,6 +18,24 @@ from .errors import UserError
 from .models.blocks import PadShortcut
 
 BACKENDS = ("auto", "torch", "compile", "onnxruntime")
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not '{precision}'.")
+    return precision
+
+
+def check_bf16_device(device: torch.device) -> None:
+    """bf16 inference where the hardware computes in bf16; elsewhere a clear refusal, not a slow emulation."""
+    from .machine import has_native_bf16
+
+    if device.type == "cpu" and not has_native_bf16():
+        raise UserError("bf16 inference needs a CPU with AVX512_BF16 or AMX, and this one has neither (bf16 "
+                        "would be emulated, slower than fp32); use --precision fp32, or int8.")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"{torch.cuda.get_device_name(device)} does not compute in bf16; use --precision fp32.")
 
 
 def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -177,13 +195,16 @@ class InferenceModel:
     measured on `calibration`, an iterable of normalised float batches as the model sees them
     (`resnet.quantize.calibration_batches` draws them from a data split), its weights of `weight_bits` bits
     (default: 8 where this CPU has VNNI, else 7; the choice is in `.weight_bits`). See resnet/quantize.py.
+
+    precision "bf16" (opt-in; torch or compile backends): the folded model's weights and activations in
+    bfloat16, on CPUs that compute in it (AVX512_BF16, AMX) and on GPUs; logits are returned as float32.
     """
 
     def __init__(self, model: nn.Module, meta: dict | None = None, *, backend: str = "auto",
                  device: str | torch.device = "cpu", channels_last: bool = True, fold: bool = True,
                  threads: int | None = None, precision: str = "fp32", calibration=None,
                  weight_bits: int | None = None):
-        from .quantize import check_precision, weight_bits_for
+        from .quantize import weight_bits_for
 
         if backend not in BACKENDS:
             raise UserError(f"inference backend must be one of {', '.join(BACKENDS)}, not '{backend}'.")
@@ -205,6 +226,13 @@ class InferenceModel:
                                 "measure its activation ranges; pass calibration=.")
             backend = "onnxruntime"
         self.weight_bits = weight_bits_for(weight_bits) if precision == "int8" else None
+        if precision == "bf16":
+            if backend not in ("auto", "torch", "compile"):
+                raise UserError(f"bf16 inference runs on PyTorch; use --backend auto, torch or compile, not "
+                                f"{backend}.")
+            check_bf16_device(self.device)
+            backend = "torch" if backend == "auto" else backend
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         if backend == "auto":  # the ONNX export needs the input size that model.json records
             usable = self.device.type == "cpu" and "input_size" in self.meta and _has_onnxruntime()
             backend = "onnxruntime" if usable else "torch"
@@ -219,7 +247,7 @@ class InferenceModel:
         net = fold_bn(model) if fold else copy.deepcopy(model).eval()
         for p in net.parameters():
             p.requires_grad_(False)
-        net = net.to(self.device)
+        net = net.to(self.device, self.dtype)  # folded in fp32 first, then rounded once
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.module = net
@@ -239,7 +267,7 @@ class InferenceModel:
         """Logits (float32, on the CPU for onnxruntime, else on `device`) of a batch N x C x H x W."""
         if self._ort is not None:
             return torch.from_numpy(self._ort.run(x.detach().cpu().float().contiguous().numpy()))
-        x = x.to(self.device, non_blocking=True)
+        x = x.to(self.device, self.dtype, non_blocking=True)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():

@@ -63,6 +63,12 @@ def has_vnni(cpuinfo: str | None = None) -> bool:
     return bool(cpu_flags(cpuinfo) & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
+def has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the cores compute in bf16 natively (AVX512_BF16 or AMX): elsewhere oneDNN emulates bf16,
+    which runs several times slower than fp32 (docs/results.md)."""
+    return bool(cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"})
+
+
 def flop_per_cycle(cpuinfo: str) -> int:
     """FP32 FLOP per cycle and core, from /proc/cpuinfo's text: 64 with AVX-512 (two 16-wide FMA units),
     else 32 (AVX2). AMD cores before Zen 5 (CPU family 25 and lower: Zen 4 is the first with AVX-512) run

@@ -34,16 +34,9 @@ import torch
 
 from .errors import UserError
 
-PRECISIONS = ("fp32", "int8")
 WEIGHT_BITS = (7, 8)
 CALIBRATION_SIZE = 512  # images
 CALIBRATION_BATCH = 64
-
-
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not '{precision}'.")
-    return precision
 
 
 def weight_bits_for(bits: int | None = None, *, portable: bool = False) -> int:

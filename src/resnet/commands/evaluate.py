@@ -37,9 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "compile", "onnxruntime"),
                         help="inference backend (see docs/inference.md)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "int8"),
-                        help="int8: quantize for ONNX Runtime on the CPU, calibrated on images of the data's "
-                             "train split (docs/inference.md); the error printed is the int8 model's")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"),
+                        help="bf16: the model in bfloat16, on CPUs with AVX512_BF16 or AMX and on GPUs; int8: "
+                             "quantize for ONNX Runtime on the CPU, calibrated on images of the data's train "
+                             "split (docs/inference.md); the error printed is that model's")
     parser.add_argument("--calibration-size", type=int, default=None, dest="calibration_size",
                         help="images to calibrate int8 on (default 512)")
     add_weight_bits(parser)

@@ -21,8 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="inference backend (see docs/inference.md)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "int8"),
-                        help="int8: quantize for ONNX Runtime on the CPU (docs/inference.md)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"),
+                        help="bf16: the model in bfloat16, on CPUs with AVX512_BF16 or AMX and on GPUs; int8: "
+                             "quantize for ONNX Runtime on the CPU (docs/inference.md)")
     parser.add_argument("--calibration-data", default=None, dest="calibration_data",
                         help="data whose train split int8 is calibrated on (default: the model's training data, "
                              "as its model.json records)")
@@ -57,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if calibration is not None:
         print(f"resnet predict: int8, calibrated on {info['n']} images of {info['data']} ({info['split']}), "
               f"{predictor.weight_bits}-bit weights.", file=sys.stderr)
+    elif args.precision == "bf16":
+        print("resnet predict: bf16 (weights and activations rounded to bfloat16).", file=sys.stderr)
     results = predict_files(predictor, meta, paths, topk=args.topk, batch_size=args.batch_size) + problems
     for r in results:  # a file name that is not UTF-8 is shown with \x escapes, not a crash on printing it
         r.update({k: _printable(r[k]) for k in ("path", "error") if k in r})
