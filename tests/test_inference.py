@@ -112,6 +112,18 @@ def test_bf16_inference_is_refused_where_it_would_be_emulated_or_cannot_run(monk
         InferenceModel(create_model("resnet20"), precision="bf16", backend="onnxruntime")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_inference_on_a_gpu_follows_fp32():
+    torch.manual_seed(0)
+    model = randomise_bn(create_model("resnet20", num_classes=5))
+    ours = InferenceModel(model, device="cuda", precision="bf16")
+    x = inputs((6, 3, 32, 32))
+    with torch.no_grad():
+        ref, out = model(x), ours(x).cpu()
+    cos = torch.nn.functional.cosine_similarity(out, ref, dim=1)
+    assert out.dtype == torch.float32 and float(cos.min()) > 0.99, cos
+
+
 def test_bf16_on_the_command_line(tmp_path, monkeypatch, capsys):
     from resnet.artifacts import save_model_artifacts
     from resnet.cli import main
