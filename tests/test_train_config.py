@@ -221,6 +221,16 @@ def test_fp16_on_cpu_is_refused_with_a_sentence(tmp_path):
         train(cfg, tmp_path)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_bf16_units_says_it_is_emulated(tmp_path, monkeypatch, capsys, native):
+    import resnet.machine
+
+    monkeypatch.setattr(resnet.machine, "has_native_bf16", lambda cpuinfo=None: native)
+    train(load_recipe("cifar10-resnet20", tiny_overrides(precision="bf16", device="cpu", max_iters=1)), tmp_path)
+    said = "bf16 is emulated here and trains about 10x slower than fp32" in capsys.readouterr().err
+    assert said is not native
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])

@@ -210,6 +210,12 @@ class Trainer:
             raise UserError("precision=fp16 needs a CUDA GPU (it relies on a grad scaler); "
                             "use bf16 or fp32 on CPU.")
         self.amp_dtype = AMP_DTYPES[cfg.precision]
+        if cfg.precision == "bf16" and info.device.type == "cpu":
+            from ..machine import has_native_bf16
+
+            if not has_native_bf16():
+                self._say("note: this CPU has no AVX512_BF16 or AMX, so bf16 is emulated here and trains about 10x "
+                          "slower than fp32 (docs/results.md); precision=fp32 is the fast setting on it.")
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
