@@ -8,11 +8,28 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
 from ..artifacts import atomic_write_bytes
+
+
+def _after_existing_event_files(tb_dir: Path) -> None:
+    """Wait, if need be, until the clock has left the second in which the newest event file in `tb_dir` was
+    created. TensorBoard reads a folder's files in name order; a name is the creation second, then the host,
+    the process id and a counter, compared as text. Two attempts of a run started within one second could
+    then be read in the wrong order (a counter of 10 sorts before 9), and the later attempt's purge marker
+    would be read first and purge nothing. Costs at most a second, and only for a restart within a second."""
+    seconds = []
+    for p in tb_dir.glob("events.out.tfevents.*"):
+        part = p.name.split(".")[3]
+        if part.isdigit():
+            seconds.append(int(part))
+    if seconds:
+        while int(time.time()) <= max(seconds):
+            time.sleep(0.02)
 
 
 class RunLog:
@@ -32,6 +49,7 @@ class RunLog:
             # A fresh start (the first attempt died before its first checkpoint) drops every old point too,
             # as metrics.jsonl does: TensorBoard shows no step twice.
             purge = 0 if resume_iter is None else resume_iter + 1
+            _after_existing_event_files(out_dir / "tb")
             self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=purge)
         except ImportError:  # tensorboard is in the `demo` extra
             self.note = "TensorBoard is not installed (pip install 'resnet[demo]'); no event files written."
