@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
-    from ..export import export_error, export_model, read_onnx_meta
+    from ..export import export_error, export_model
     from ..loading import load_from_args
     from ._common import check_int8_flags
 
@@ -58,12 +58,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out '{out}' is a directory; name the file to write, e.g. "
                         f"{out / ('model' + SUFFIXES[args.format][0])}.")
     _refuse_clobbering(out, args.format, Path(meta["source"]))
-    calibration = held_out = None
+    calibration = held_out = bits = None
     if args.precision == "int8":
         if args.format != "onnx":
             raise UserError(f"--precision int8 writes ONNX (run by ONNX Runtime's int8 kernels); use --format onnx, "
                             f"not {args.format}.")
-        from ..quantize import calibration_from_data
+        from ..quantize import calibration_from_data, weight_bits_for
+
+        bits = weight_bits_for(args.weight_bits, portable=True)
 
         # Checked below on up to 256 other images of the split it was calibrated on.
         calibration, info, held_out = calibration_from_data(meta, args.calibration_data, data_dir=args.data_dir,
@@ -73,10 +75,9 @@ def run(args: argparse.Namespace) -> int:
     tmp = out.with_name(f".{out.name}.unchecked{out.suffix}")
     try:
         export_model(model, meta, args.format, tmp, fold=args.fold_bn, calibration=calibration,
-                     weight_bits=args.weight_bits)
+                     weight_bits=bits)
         line = f"wrote {out} ({args.format}, {tmp.stat().st_size / 1e6:.1f} MB)"
         if calibration is not None:  # int8 is close to fp32, not equal: checked as agreement of the top class
-            bits = read_onnx_meta(tmp)["int8_weight_bits"]
             line = f"wrote {out} (onnx int8, {bits}-bit weights, {tmp.stat().st_size / 1e6:.1f} MB, calibrated on " \
                    f"{info['n']} images of {info['data']} ({info['split']}))"
             if held_out and not args.no_check:
