@@ -141,17 +141,18 @@ def run_case(name: str, size: int, batch: int, rounds: int, env: dict) -> list[d
     ips = {k: batch / statistics.median(v) for k, v in times.items()}
     lines = []
     for key in methods:
+        precision = methods[key].precision if key.startswith("ours") else "fp32"
         lines.append({
             "bench": "infer", "model": name, "input": size, "batch": batch, "method": key,
             "backend": methods[key].backend if key.startswith("ours") else key,
-            "precision": key.split()[1] if key in ("ours int8", "ours bf16") else "fp32",
+            "precision": precision,
             **({"int8_weight_bits": ours_int8.weight_bits} if key == "ours int8" else {}),
             **({"ort_setting": chosen[key]} if key in chosen else {}),
             "images_per_s": round(ips[key], 2),
             "vs_eager": round(ips[key] / ips["eager"], 3), "vs_onnxruntime": round(ips[key] / ips["onnxruntime"], 3),
             "gflop_per_image": round(flops / 1e9, 3), **fractions(ips[key] * flops / 1e9, env),
-            **({"peak_note": f"{key.split()[1]}: the model's FLOPs over the fp32 peaks, as if it ran in fp32"}
-               if key in ("ours int8", "ours bf16") else {}),
+            **({"peak_note": f"{precision}: the model's FLOPs over the fp32 peaks, as if it ran in fp32"}
+               if precision != "fp32" else {}),
             "accuracy_check": agree[key], "rounds": rounds, **env, "load_avg_1m": round(os.getloadavg()[0], 2),
         })
     return lines
