@@ -214,6 +214,39 @@ def test_option_a_has_no_shortcut_parameters_and_pads_with_zeros():
     assert (out[:, 16:] == 0).all()
 
 
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18"])
+def test_channels_last_training_writes_every_gradient_in_channels_last(name):
+    """A gradient in another layout than its neighbours makes the elementwise backward ops that meet it take
+    their slow strided path (3-20x slower per op); the option-A shortcut and the global pool used to write
+    NCHW gradients into a channels_last step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = resnet.create_model(name, num_classes=10).to(memory_format=torch.channels_last).train()
+    x = _input(name, batch=4).to(memory_format=torch.channels_last)
+    loss = F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
+    other = []
+
+    class Layouts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                # 4-D and more than one pixel: a 1x1 map is in every layout at once
+                if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-2:].numel() > 1 \
+                        and not t.is_contiguous(memory_format=torch.channels_last):
+                    other.append((func.__name__, tuple(t.shape), t.stride()))
+            return out
+
+    with Layouts():
+        loss.backward()
+    assert other == []
+    # the training head (a pool of the map's size) is the same mean as the evaluation head (adaptive pool)
+    feats = model.forward_features(x).detach()
+    train_head = model.forward_head(feats)
+    model.eval()
+    torch.testing.assert_close(train_head, model.forward_head(feats))
+
+
 def _count_additions(model: torch.nn.Module) -> int:
     graph = torch.fx.symbolic_trace(model).graph
     adds = (operator.add, operator.iadd, torch.add)

@@ -36,7 +36,11 @@ class PadShortcut(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
-            x = x[:, :, :: self.stride, :: self.stride]
+            # The same sub-sampling as x[:, :, ::s, ::s], as an average pool of size 1: its backward writes
+            # the gradient in the input's memory format, where slicing's writes NCHW. In channels_last
+            # training the mixed-layout addition and ReLU backward that followed ran 3-20x slower than in
+            # one layout; ResNet-20 trained 3.5% faster this way (docs/results.md).
+            x = F.avg_pool2d(x, 1, self.stride)
         extra = self.out_chs - self.in_chs
         return F.pad(x, (0, 0, 0, 0, 0, extra)) if extra else x
 

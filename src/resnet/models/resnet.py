@@ -8,6 +8,7 @@ Both: global average pool -> fc; stride 2 at the start of every stage after the 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .blocks import BasicBlock, Bottleneck
@@ -116,7 +117,13 @@ class ResNet(nn.Module):
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = torch.flatten(self.avgpool(x), 1)
+        if self.training:
+            # Global average pooling as a pool of the map's own size: the same mean, but its backward keeps
+            # the input's memory format (the mean's writes NCHW; see PadShortcut). In evaluation and export
+            # the adaptive pool stays, so an exported graph takes any input size.
+            x = torch.flatten(F.avg_pool2d(x, x.shape[-2:]), 1)
+        else:
+            x = torch.flatten(self.avgpool(x), 1)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
