@@ -1,5 +1,12 @@
-"""The FP32 peak every benchmark line divides by (FLOP per cycle from the CPU's flags and family), and the
-VNNI and bf16 checks that int8 and bf16 inference ask."""
+"""The FP32 peak every benchmark line divides by (FLOP per cycle from the CPU's flags and family), the
+VNNI and bf16 checks that int8 and bf16 inference ask, and the malloc settings CPU training runs with."""
+
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
 
 from resnet.machine import flop_per_cycle, has_native_bf16, has_vnni, machine_info
 
@@ -48,3 +55,38 @@ def test_native_bf16_is_avx512_bf16_or_amx():
     assert has_native_bf16(cpuinfo("GenuineIntel", 6, "avx2 avx512f amx_bf16 amx_tile"))
     assert not has_native_bf16(cpuinfo("GenuineIntel", 6, "avx2 avx512f avx512_vnni"))  # Ice Lake: no bf16
     assert not has_native_bf16(cpuinfo("AuthenticAMD", 23, "avx fma avx2"))
+
+
+STEP_FAULTS = textwrap.dedent("""
+    import resource, sys
+    import torch, torch.nn.functional as F
+    from resnet import create_model
+    from resnet.machine import keep_freed_memory
+    torch.set_num_threads(1)
+    kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+    model = create_model("resnet20", num_classes=10).to(memory_format=torch.channels_last)
+    x = torch.randn(32, 3, 32, 32).to(memory_format=torch.channels_last)
+    y = torch.zeros(32, dtype=torch.long)
+    def step():
+        F.cross_entropy(model(x), y).backward()
+    for _ in range(3):
+        step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        step()
+    print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="the malloc settings are glibc's")
+def test_kept_freed_memory_stops_each_training_step_faulting_its_buffers_back_in():
+    def faults_per_step(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", STEP_FAULTS, mode], capture_output=True, text=True,
+                             timeout=120, check=True).stdout.split()
+        return out[0], int(out[1])
+
+    (kept, tuned), (_, default) = faults_per_step("keep"), faults_per_step("default")
+    assert kept == "True"
+    # measured on 2 cores: ~4,400 page faults per step by default, ~430 with the settings
+    assert tuned * 4 < default, (tuned, default)

@@ -138,6 +138,10 @@ class Trainer:
         threads = cfg.threads or _default_threads(info)
         if threads:
             torch.set_num_threads(threads)
+        if info.device.type == "cpu":
+            from ..machine import keep_freed_memory
+
+            keep_freed_memory()  # no page faults for each step's activation buffers
         self.resuming = (out_dir / checkpoint.NAME).exists()  # then the checkpoint, not init_from, has the weights
         if cfg.init_from and not self.resuming and not Path(cfg.init_from).expanduser().exists():
             raise UserError(f"init_from '{cfg.init_from}' does not exist; give a run folder, model.safetensors, "
