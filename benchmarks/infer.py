@@ -26,6 +26,12 @@ real CIFAR-10 JPEGs (upscaled for ResNet-50) every method's logits are compared 
 difference) and top-1 must agree on every image. The models are freshly initialised with randomised BatchNorm
 statistics (no trained ImageNet weights here), which exercises folding as trained weights would.
 
+Allocator: the `resnet` command sets glibc's malloc to keep freed memory (`resnet.machine.keep_freed_memory`),
+which speeds up the PyTorch methods (eager, ours bf16) and not ONNX Runtime's (its own arena). It is
+process-wide, so with `--malloc kept` (the default, as the commands run) eager runs with it too, a stronger
+baseline than a plain script's; `--malloc default` leaves glibc as a plain script has it, for every method.
+Each line records which (`malloc`).
+
 Fraction of peak: FLOPs = 2 x multiply-adds (resnet.complexity), over the nominal FP32 peak (cores x 32
 FLOP/cycle x reported clock) and over the FMA peak measured now (benchmarks/common.py). Prints one JSON
 line per figure. Run: python benchmarks/infer.py
@@ -52,7 +58,7 @@ from resnet.data.decode import decode_image
 from resnet.data.views import center_view
 from resnet.export import export_meta, onnx_bytes
 from resnet.inference import InferenceModel, default_threads, fold_bn
-from resnet.machine import has_native_bf16
+from resnet.machine import has_native_bf16, keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10" / "train"
@@ -162,17 +168,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     parser.add_argument("--case", type=int, help="run only this case (index into CASES) in this process")
+    parser.add_argument("--malloc", choices=("kept", "default"), default="kept",
+                        help="glibc malloc as the resnet command sets it (kept), or as a plain script has it")
     args = parser.parse_args()
     if args.case is None:  # every case in a fresh process of its own, one after the other
         for i in range(len(CASES)):
-            cmd = [sys.executable, __file__, "--case", str(i)] + (["--quick"] if args.quick else [])
+            cmd = [sys.executable, __file__, "--case", str(i), "--malloc", args.malloc]
+            cmd += ["--quick"] if args.quick else []
             if subprocess.run(cmd).returncode:
                 return 1
         return 0
     torch.set_num_threads(default_threads())
     import onnxruntime
 
-    env = {**machine(), "onnxruntime": onnxruntime.__version__}
+    kept = args.malloc == "kept" and keep_freed_memory()
+    env = {**machine(), "onnxruntime": onnxruntime.__version__, "malloc": "kept" if kept else "default"}
     np.random.seed(0)
     name, size, batch, rounds = CASES[args.case]
     for line in run_case(name, size, batch, max(2, rounds // 3) if args.quick else rounds, env):

@@ -90,3 +90,14 @@ def test_kept_freed_memory_stops_each_training_step_faulting_its_buffers_back_in
     assert kept == "True"
     # measured on 2 cores: ~4,400 page faults per step by default, ~430 with the settings
     assert tuned * 4 < default, (tuned, default)
+
+
+def test_the_resnet_command_keeps_freed_memory_for_every_subcommand(monkeypatch, capsys):
+    import resnet.machine
+    from resnet.cli import main
+
+    calls = []
+    monkeypatch.setattr(resnet.machine, "keep_freed_memory", lambda: calls.append(1) or True)
+    assert main(["models"]) == 0
+    assert calls == [1]
+    assert "resnet20" in capsys.readouterr().out

@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     _plain_warnings(name)
+    from .machine import keep_freed_memory
+
+    keep_freed_memory()  # every command: its tensors' buffers are reused, not page-faulted back in
     try:
         module = _command_module(name)
         parser = argparse.ArgumentParser(prog=f"resnet {name}", description=_HELP[name])

@@ -82,7 +82,10 @@ def keep_freed_memory() -> bool:
     A CPU training step frees and reallocates the same activation buffers every iteration. By default glibc
     returns the larger ones to the OS (or unmaps them) and the next step faults every 4 KiB page back in:
     the training loop's ResNet-20 step at batch 128 took 150-3,900 page faults, and 40-160 with these
-    settings, which ran it 2.8% faster (medians of six processes each, docs/results.md).
+    settings, which ran it 2.8% faster (medians of six processes each, docs/results.md). Inference frees
+    every activation at once: the torch backend took ~30,000 page faults per ResNet-20 batch of 256 in fp32,
+    and ran 35-41% faster in fp32 and 22-34% in bf16 without them (docs/inference.md). The `resnet` command
+    applies this for every subcommand, and `resnet.train` for its runs.
 
     The settings: buffers up to 32 MiB come from the heap rather than their own mappings (glibc's ceiling for
     this threshold on 64-bit), and up to 1 GiB of freed heap is kept. The cost is that the process's resident
