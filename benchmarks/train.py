@@ -12,7 +12,8 @@ processes hits all alike; each figure is the median over rounds of images/s in a
 Our loop sets glibc's malloc to keep freed memory (`resnet.machine.keep_freed_memory`, no page faults for
 each step's buffers). That setting is process-wide, so the reference, timed in the same process, runs with
 it too (`malloc_kept` in each line): the ratio leaves out what it gains, which docs/results.md measured
-across processes.
+across processes. `--malloc default` leaves glibc as a plain script has it, for every method (our loop's
+call is skipped).
 
 Fraction of peak: training FLOPs per image = 3 x forward FLOPs = 3 x 2 x multiply-adds
 (resnet.complexity), over the nominal FP32 peak (cores x 32 FLOP/cycle x reported clock) and over the
@@ -35,10 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import resnet.machine
 from common import fractions, machine
 from resnet import create_model
 from resnet.complexity import model_cost
-from resnet.machine import keep_freed_memory
 from resnet.train.config import load_recipe
 from resnet.train.distributed import DistInfo
 from resnet.train.loop import StopSignals, Trainer
@@ -146,9 +147,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="training steps per window")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps per method first")
     parser.add_argument("--skip", nargs="*", default=[], help="variants to leave out (e.g. compile)")
+    parser.add_argument("--malloc", choices=("kept", "default"), default="kept",
+                        help="glibc malloc as our loop sets it (kept), or as a plain script has it")
     args = parser.parse_args()
     info = machine()
-    kept = keep_freed_memory()  # what our loop does first; in force for every method from here on
+    if args.malloc == "default":
+        resnet.machine.keep_freed_memory = lambda: False  # the loop looks it up when it starts
+    kept = resnet.machine.keep_freed_memory()  # what our loop does first; in force for every method from here on
     ds = load_images()
     flops_per_image = 3 * 2 * model_cost("resnet20")["macs"]
     with tempfile.TemporaryDirectory() as tmp:
