@@ -38,7 +38,7 @@ class PadShortcut(nn.Module):
         if self.stride > 1:
             # The same sub-sampling as x[:, :, ::s, ::s], as an average pool of size 1: its backward writes
             # the gradient in the input's memory format, where slicing's writes NCHW. In channels_last
-            # training the mixed-layout addition and ReLU backward that followed ran 3-20x slower than in
+            # training the mixed-layout addition and ReLU backward that followed ran 3-34x slower than in
             # one layout; ResNet-20 trained 3.5% faster this way (docs/results.md).
             x = F.avg_pool2d(x, 1, self.stride)
         extra = self.out_chs - self.in_chs
