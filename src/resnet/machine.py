@@ -7,6 +7,7 @@ highest "cpu MHz" /proc/cpuinfo reports, else lscpu's maximum.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
@@ -72,9 +73,9 @@ def has_native_bf16(cpuinfo: str | None = None) -> bool:
 # glibc's mallopt parameters (malloc.h) and the values keep_freed_memory sets
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 MALLOC_SETTINGS = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 1 << 30, _M_TOP_PAD: 64 << 20}
-_malloc_kept = False
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
 
@@ -91,16 +92,15 @@ def keep_freed_memory() -> bool:
     memory stays near its peak, as with PyTorch's GPU caching allocator. Applies once per process; returns
     whether the settings are in force (False off glibc: macOS, Windows, musl). Harmless under another
     allocator (LD_PRELOAD jemalloc or tcmalloc): glibc's is then unused."""
-    global _malloc_kept
-    if not _malloc_kept and sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
-        import ctypes
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    import ctypes
 
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            _malloc_kept = all(libc.mallopt(key, value) == 1 for key, value in MALLOC_SETTINGS.items())
-        except (OSError, AttributeError):
-            _malloc_kept = False
-    return _malloc_kept
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return all(libc.mallopt(key, value) == 1 for key, value in MALLOC_SETTINGS.items())
+    except (OSError, AttributeError):
+        return False
 
 
 def flop_per_cycle(cpuinfo: str) -> int:
