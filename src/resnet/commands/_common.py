@@ -53,6 +53,13 @@ def cpu_for_int8(args: argparse.Namespace) -> str:
     return "cpu" if getattr(args, "precision", "fp32") == "int8" and args.device == "auto" else args.device
 
 
+def add_inference_precision(parser: argparse.ArgumentParser, int8_detail: str = "") -> None:
+    """--precision for the commands that run a model (eval, predict): fp32, bf16 or int8."""
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"),
+                        help="bf16: the model in bfloat16, on CPUs with AVX512_BF16 or AMX and on GPUs; int8: "
+                             f"quantize for ONNX Runtime on the CPU{int8_detail} (docs/inference.md)")
+
+
 def add_weight_bits(parser: argparse.ArgumentParser, *, portable: bool = False) -> None:
     default = ("default 7, which every CPU runs; 8 is closer to fp32 but only for CPUs with VNNI (AVX512_VNNI, "
                "AVX-VNNI), where the file will run" if portable else

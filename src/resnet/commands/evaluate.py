@@ -11,7 +11,7 @@ HELP = "top-1/top-5 error of a trained model on a data split"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..data.views import VIEWS
     from ..loading import add_model_arguments
-    from ._common import add_weight_bits
+    from ._common import add_inference_precision, add_weight_bits
 
     add_model_arguments(parser)
     parser.add_argument("--data", default=None,
@@ -37,10 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "compile", "onnxruntime"),
                         help="inference backend (see docs/inference.md)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"),
-                        help="bf16: the model in bfloat16, on CPUs with AVX512_BF16 or AMX and on GPUs; int8: "
-                             "quantize for ONNX Runtime on the CPU, calibrated on images of the data's train "
-                             "split (docs/inference.md); the error printed is that model's")
+    add_inference_precision(parser, ", calibrated on images of the data's train split; the error printed is "
+                                    "that model's")
     parser.add_argument("--calibration-size", type=int, default=None, dest="calibration_size",
                         help="images to calibrate int8 on (default 512)")
     add_weight_bits(parser)

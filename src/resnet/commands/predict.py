@@ -11,7 +11,7 @@ HELP = "class predictions for images or folders"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..loading import add_model_arguments
-    from ._common import add_weight_bits
+    from ._common import add_inference_precision, add_weight_bits
 
     add_model_arguments(parser)
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of them")
@@ -21,9 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="inference backend (see docs/inference.md)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"),
-                        help="bf16: the model in bfloat16, on CPUs with AVX512_BF16 or AMX and on GPUs; int8: "
-                             "quantize for ONNX Runtime on the CPU (docs/inference.md)")
+    add_inference_precision(parser)
     parser.add_argument("--calibration-data", default=None, dest="calibration_data",
                         help="data whose train split int8 is calibrated on (default: the model's training data, "
                              "as its model.json records)")
