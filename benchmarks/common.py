@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import resnet.machine
 from resnet.machine import machine_info
 
 _FMA_LOOP = r"""
@@ -100,3 +101,17 @@ def fractions(gflops: float, info: dict) -> dict:
     return {"achieved_gflops": round(gflops, 2),
             "fraction_of_fp32_peak": round(gflops / nominal, 3) if nominal else None,
             "fraction_of_measured_peak": round(gflops / measured, 3) if measured else None}
+
+
+def add_malloc_option(parser) -> None:
+    parser.add_argument("--malloc", choices=("kept", "default"), default="kept",
+                        help="glibc malloc as the resnet command and training loop set it (kept), or as a plain "
+                             "script has it (default)")
+
+
+def apply_malloc_option(mode: str) -> bool:
+    """Put `--malloc` in force for this process; returns whether freed memory is kept. With "default", our code's
+    own call (the training loop makes it when it starts) is turned into a no-op too."""
+    if mode == "default":
+        resnet.machine.keep_freed_memory = lambda: False  # looked up at call time by the loop
+    return resnet.machine.keep_freed_memory()

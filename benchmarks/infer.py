@@ -51,14 +51,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import fractions, machine
+from common import add_malloc_option, apply_malloc_option, fractions, machine
 from resnet import create_model
 from resnet.complexity import layer_costs
 from resnet.data.decode import decode_image
 from resnet.data.views import center_view
 from resnet.export import export_meta, onnx_bytes
 from resnet.inference import InferenceModel, default_threads, fold_bn
-from resnet.machine import has_native_bf16, keep_freed_memory
+from resnet.machine import has_native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10" / "train"
@@ -168,8 +168,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     parser.add_argument("--case", type=int, help="run only this case (index into CASES) in this process")
-    parser.add_argument("--malloc", choices=("kept", "default"), default="kept",
-                        help="glibc malloc as the resnet command sets it (kept), or as a plain script has it")
+    add_malloc_option(parser)
     args = parser.parse_args()
     if args.case is None:  # every case in a fresh process of its own, one after the other
         for i in range(len(CASES)):
@@ -181,7 +180,7 @@ def main() -> int:
     torch.set_num_threads(default_threads())
     import onnxruntime
 
-    kept = args.malloc == "kept" and keep_freed_memory()
+    kept = apply_malloc_option(args.malloc)
     env = {**machine(), "onnxruntime": onnxruntime.__version__, "malloc": "kept" if kept else "default"}
     np.random.seed(0)
     name, size, batch, rounds = CASES[args.case]

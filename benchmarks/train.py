@@ -36,8 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import resnet.machine
-from common import fractions, machine
+from common import add_malloc_option, apply_malloc_option, fractions, machine
 from resnet import create_model
 from resnet.complexity import model_cost
 from resnet.train.config import load_recipe
@@ -147,13 +146,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="training steps per window")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps per method first")
     parser.add_argument("--skip", nargs="*", default=[], help="variants to leave out (e.g. compile)")
-    parser.add_argument("--malloc", choices=("kept", "default"), default="kept",
-                        help="glibc malloc as our loop sets it (kept), or as a plain script has it")
+    add_malloc_option(parser)
     args = parser.parse_args()
     info = machine()
-    if args.malloc == "default":
-        resnet.machine.keep_freed_memory = lambda: False  # the loop looks it up when it starts
-    kept = resnet.machine.keep_freed_memory()  # what our loop does first; in force for every method from here on
+    kept = apply_malloc_option(args.malloc)  # what our loop does first; in force for every method from here on
     ds = load_images()
     flops_per_image = 3 * 2 * model_cost("resnet20")["macs"]
     with tempfile.TemporaryDirectory() as tmp:
