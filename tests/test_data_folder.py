@@ -72,6 +72,7 @@ def test_an_unwritable_cache_folder_is_one_sentence(tmp_path):
     "case, words",
     [
         ("missing", "does not exist"),
+        ("a_file", "is a file, not a folder"),
         ("no_split", "no train, val or test folder"),
         ("empty_split", "has no class folders"),
         ("empty_class", "holds no images"),
@@ -92,9 +93,22 @@ def test_scan_errors_are_one_sentence(tmp_path, case, words):
         (root / "train" / "dog" / ".DS_Store").write_text("")
     elif case == "val_extra_class":
         make_folder(root, {"train": {"cat": 1}, "val": {"dog": 1}})
+    elif case == "a_file":
+        root.write_bytes(b"an image given where the folder goes")
     with pytest.raises(UserError, match=words) as err:
         load_dataset(root, cache_dir=tmp_path / "cache")
     assert str(err.value).endswith(".") and "\n" not in str(err.value)
+
+
+def test_a_folder_named_like_a_built_in_source_is_pointed_out(tmp_path, monkeypatch):
+    """`resnet data cifar10` beside a folder ./cifar10 reads the built-in set; it now says how to read the folder."""
+    make_folder(tmp_path / "digits", {"train": {"a": 1}})
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match=r"'digits' names the built-in digits set, not the folder ./digits here; "
+                                         r"to read the folder, give its path: ./digits"):
+        ds = load_dataset("digits")
+    assert len(ds.classes) == 10
+    assert load_dataset("./digits", cache_dir=tmp_path / "c").classes == ["a"]
 
 
 def test_memory_path_decodes_exactly_and_caches(tmp_path):
@@ -116,6 +130,19 @@ def test_memory_path_decodes_exactly_and_caches(tmp_path):
     Image.fromarray(pixel(1, 9)).save(root / "train" / "b" / "new.png")
     third = load_dataset(root, cache_dir=cache, workers=1)
     assert len(third.splits["train"]) == 6 and len(list(cache.glob("*.npy"))) == 2
+
+
+def test_a_cache_file_with_a_damaged_header_is_decoded_again(tmp_path):
+    """Its size still matched the record, so every later run died in np.load with a traceback."""
+    root = make_folder(tmp_path / "d", {"train": {"a": 2, "b": 2}})
+    cache = tmp_path / "cache"
+    first = load_dataset(root, cache_dir=cache, workers=1).splits["train"].images.numpy().copy()
+    (npy,) = cache.glob("*.npy")
+    with open(npy, "r+b") as f:
+        f.write(b"\0" * 16)  # the magic string and version: np.load refuses the file
+    again = load_dataset(root, cache_dir=cache, workers=1)
+    assert np.array_equal(again.splits["train"].images.numpy(), first)
+    assert np.load(npy).shape == first.shape  # rewritten whole
 
 
 def test_a_file_replaced_with_its_old_size_and_mtime_is_decoded_again(tmp_path):
@@ -244,6 +271,9 @@ def test_val_carved_with_seed_count_or_fraction(tmp_path):
     assert all(int(val.images[i, 0, 0, 0]) == 10 + 40 * int(val.labels[i]) for i in range(len(val)))
     with pytest.raises(UserError, match="leaves no training images"):
         load_dataset(root, cache_dir=tmp_path / "c", val_size=20, workers=1)
+    # A fraction that rounds to no image at all used to get the same "choose fewer".
+    with pytest.raises(UserError, match=r"val_size 0.01 holds out no images of the 20 in train; choose more"):
+        load_dataset(root, cache_dir=tmp_path / "c", val_size=0.01, workers=1)
 
 
 def _load_in_child(root, cache, queue):

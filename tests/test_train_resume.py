@@ -296,3 +296,38 @@ def test_a_data_folder_spelled_another_way_is_the_same_run(tmp_path, monkeypatch
         train(_tiny(data="other", in_chans=3, val_size=4, batch_size=8, ref_batch_size=8), out)
     assert changed_settings({"data": "cifar10", "lr": 0.1}, {"data": str(other), "lr": 0.1}) == ["data"]
     assert changed_settings({"data": "digits", "threads": 1}, {"data": "digits", "threads": 2}) == []
+
+
+def test_a_data_folder_whose_files_changed_is_refused_on_resume_and_by_evals_val_carve(tmp_path):
+    """Images added to a train-only folder move the seeded validation carve. Resuming used to continue on the
+    new split (images the run had validated on now trained on), and `resnet eval RUN --split val` scored
+    images the run had trained on; both went on without a word. Both refuse now; an unchanged folder works."""
+    import shutil
+
+    from resnet.errors import UserError
+    from resnet.evaluate import evaluate
+    from resnet.loading import load_model
+    from resnet.train import train
+    from test_data_folder import make_folder
+
+    data = make_folder(tmp_path / "imgs", {"train": {"a": 8, "b": 8}}, size=(8, 8))
+    out, cache = tmp_path / "run", str(tmp_path / "cache")
+    cfg = _tiny(data=str(data), in_chans=3, val_size=4, batch_size=8, ref_batch_size=8, cache_dir=cache)
+    summary = train(cfg, out)
+    recorded = json.loads((out / "model.json").read_text())["val_split"]
+    assert recorded["images"] == 16 and len(recorded["digest"]) == 16
+    assert evaluate(*load_model(out), str(data), split="val", cache_dir=cache, backend="torch")["n"] == 4
+    (out / "summary.json").unlink()  # so the run is taken up again from its last checkpoint
+    shutil.copy(data / "train" / "a" / "000.png", data / "train" / "a" / "100.png")
+    with pytest.raises(UserError, match=r"images of '.*imgs' changed since '.*run' was checkpointed \(train: 12 "
+                                        r"images then, 13 now; val: 4 images then, 4 now\)"):
+        train(cfg, out)
+    with pytest.raises(UserError, match=r"changed since the model's run carved its validation split from them "
+                                        r"\(16 images then, 17 now\)"):
+        evaluate(*load_model(out), str(data), split="val", cache_dir=cache, backend="torch")
+    # An explicit carve is the user's choice, not the run's: it is scored as asked.
+    res = evaluate(*load_model(out), str(data), split="val", val_size=4, data_seed=0, cache_dir=cache,
+                   backend="torch")
+    assert res["n"] == 4
+    (data / "train" / "a" / "100.png").unlink()
+    assert train(cfg, out)["iterations"] == summary["iterations"]

@@ -5,7 +5,9 @@
 index order], "mean": [per channel, 0-1 pixel units], "std": [...], "input_size": [C, H, W],
 "eval_view": "full" | "flip" | "center" | "10crop" | "multiscale", "recipe": name or null, "metrics": {...},
 "data": the source the run trained on (a name, or a folder's absolute path; `resnet eval`'s default),
-"val_split": {"val_size", "seed"} when the run carved its validation images out of train}.
+"val_split": {"val_size", "seed", "images", "digest"} when the run carved its validation images out of train:
+the count it carved from, and for a folder a fingerprint of the files carved (`resnet eval` refuses the same
+carve on a folder that changed since)}.
 Weights never pass through pickle: safetensors only.
 """
 

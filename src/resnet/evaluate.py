@@ -116,6 +116,20 @@ def view_config(meta: dict):
                          scales=tuple(round(s * ratio) for s in base.scales))
 
 
+def _check_recorded_carve(recorded: dict, ds, data) -> None:
+    """Refuse the run's own val carve on a folder whose files changed since training: the same size and seed
+    would pick other images, some of which the model was trained on."""
+    from .data.dataset import split_digest
+
+    digest = split_digest(ds.splits["val"])
+    if recorded.get("digest") and digest is not None and digest != recorded["digest"]:
+        now = len(ds.splits["val"]) + len(ds.splits["train"])
+        raise UserError(f"the images of '{data}' changed since the model's run carved its validation split from "
+                        f"them ({recorded.get('images', '?')} images then, {now} now), so the same seed now picks "
+                        f"other images, some of which it was trained on; restore the folder as it was to score "
+                        f"the run's validation images.")
+
+
 def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None = None,
              view: str | None = None, batch_size: int = 128, data_dir: str | None = None,
              cache_dir: str | None = None, per_class: bool = False, backend: str = "auto",
@@ -165,6 +179,8 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
             seed = int(data_seed if data_seed is not None else recorded.get("seed", 0))
             carve_val(ds.splits, size, seed)  # the carve load_dataset(val_size=, seed=) makes, without reloading
             carved = {"val_size": size, "seed": seed}
+            if val_size is None and data_seed is None:
+                _check_recorded_carve(recorded, ds, data)
     if split not in ds.splits:
         hint = (" (or pass --val-size N to score a val split carved out of train, as training does)"
                 if split == "val" and "train" in ds.splits else "")

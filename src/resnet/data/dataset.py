@@ -6,6 +6,7 @@ file paths for data that does not fit in memory or whose images differ in size.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections import Counter
@@ -232,11 +233,26 @@ def carve_val(splits: dict, val_size: int | float | None, seed: int) -> None:
         raise UserError(f"val_size {val_size} must be a count of images or a fraction between 0 and 1.")
     else:
         count = int(val_size)
-    if not 0 < count < n:
+    if count <= 0:
+        raise UserError(f"val_size {val_size} holds out no images of the {n} in train; choose more.")
+    if count >= n:
         raise UserError(f"val_size {val_size} leaves no training images ({n} in train); choose fewer.")
     order = np.random.default_rng(seed).permutation(n)
     splits["val"] = train.subset("val", np.sort(order[:count]))
     splits["train"] = train.subset("train", np.sort(order[count:]))
+
+
+def split_digest(split) -> str | None:
+    """A short fingerprint of which files a split holds and their labels (each file by its class folder and
+    name, so a moved data folder keeps its digest); None for a split of a named source, which is fixed."""
+    paths = getattr(split, "paths", None)
+    if paths is None:
+        return None
+    h = hashlib.sha256()
+    for path, label in zip(paths, split.labels.tolist(), strict=True):
+        name = f"{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)}"
+        h.update(f"{name}\t{label}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:16]
 
 
 def _memory_split(name: str, images: np.ndarray, labels: np.ndarray, in_chans: int) -> MemorySplit:
@@ -388,6 +404,9 @@ def load_dataset(
         raise UserError(f"kind must be memory or stream, not {kind}.")
     text = os.fspath(data)
     if text in NAMED_SOURCES:
+        if Path(text).is_dir():
+            warnings.warn(f"'{text}' names the built-in {text} set, not the folder ./{text} here; to read the "
+                          f"folder, give its path: ./{text}", UserWarning, stacklevel=2)
         classes, splits = _load_named(text, data_dir, in_chans)
         kind_used, name = "memory", text
     else:

@@ -81,8 +81,9 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[str], dict[str, ScannedSp
     """(sorted class names, {split: ScannedSplit}) for an ImageFolder root; UserError when it is not one."""
     root = Path(root).expanduser()
     if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
         raise UserError(
-            f"the data folder {root} does not exist; give cifar10, cifar100, digits or a folder "
+            f"the data folder {root} {what}; give cifar10, cifar100, digits or a folder "
             f"laid out as ROOT/train/<class>/<image>."
         )
     present = [s for s in SPLITS if (root / s).is_dir()]

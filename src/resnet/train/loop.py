@@ -160,6 +160,7 @@ class Trainer:
         self.ds = data_api.load_dataset(cfg.data, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir,
                                         in_chans=cfg.in_chans, val_size=cfg.val_size, seed=cfg.data_seed,
                                         strict=cfg.strict_data)
+        self._digests: dict | None = None  # data_digests(), computed when first needed
         if cfg.schedule == "plateau" and "val" not in self.ds.splits:
             raise UserError(f"schedule=plateau lowers the lr when the validation error stops improving, but "
                             f"'{cfg.data}' has no validation split; give it one (val_size=5000, or a val/ "
@@ -305,6 +306,7 @@ class Trainer:
         if diff:
             raise UserError(f"'{self.out}' holds a run with different settings ({', '.join(diff[:4])}); "
                             f"use the same recipe and overrides to resume it, or a new --out folder.")
+        self._check_same_data(state.get("data"))
         self.raw.load_state_dict(state["model"])
         if self.ema is not None:
             self.ema.model.load_state_dict(state["ema"])
@@ -325,6 +327,17 @@ class Trainer:
         self.window_t0 = time.perf_counter()
         self.last_ckpt_iter = self.it
         return state
+
+    def _check_same_data(self, saved: dict | None) -> None:
+        """Refuse to resume on a folder whose files changed: the seeded validation carve and the data order
+        would differ, and images the run validated on could enter training."""
+        now = self.data_digests()
+        changed = [f"{name}: {old['images']} images then, {now[name]['images'] if name in now else 'none'} now"
+                   for name, old in (saved or {}).items() if now.get(name, {}).get("digest") != old["digest"]]
+        if changed:
+            raise UserError(f"the images of '{self.cfg.data}' changed since '{self.out}' was checkpointed "
+                            f"({'; '.join(changed)}), so its splits and data order would differ; restore the "
+                            f"folder as it was to resume, or train on it in a new --out folder.")
 
     def save_checkpoint(self) -> None:
         # Weights can turn non-finite while the loss stays finite (an overflowing gradient or BN variance):
@@ -353,7 +366,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "rng": rngs,
             "window": window,
             "wall_s": self.wall_s + self._since_start(), "train_s": self.train_s, "images": self.images,
-            "model_meta": self.model_meta(),
+            "model_meta": self.model_meta(), "data": self.data_digests(),
         }
         path = self.out / checkpoint.NAME
         try:
@@ -582,9 +595,25 @@ class Trainer:
         meta["data"] = data if data in NAMED_SOURCES else str(Path(data).expanduser().resolve())
         if data in NAMED_SOURCES and self.cfg.data_dir:  # where that source's files were read from
             meta["data_dir"] = str(Path(self.cfg.data_dir).expanduser().resolve())
-        if self.cfg.val_size:  # used by `resnet eval --split val` only on data without its own val split
+        if self.cfg.val_size and "val" in self.ds.splits:  # used by `resnet eval --split val` on data without one
+            # `images` and `digest` let `resnet eval` tell when the folder changed since: the same seed would
+            # then carve other images, some of them trained on.
             meta["val_split"] = {"val_size": self.cfg.val_size, "seed": self.cfg.data_seed}
+            digests = self.data_digests()
+            if "val" in digests and "train" in digests:
+                meta["val_split"].update(images=digests["val"]["images"] + digests["train"]["images"],
+                                         digest=digests["val"]["digest"])
         return meta
+
+    def data_digests(self) -> dict:
+        """Which files each split of a folder holds (see split_digest); empty for a named source."""
+        from ..data.dataset import split_digest
+
+        if self._digests is None:
+            digests = {name: (sp, split_digest(sp)) for name, sp in self.ds.splits.items()}
+            self._digests = {name: {"images": len(sp), "digest": d} for name, (sp, d) in digests.items()
+                             if d is not None}
+        return self._digests
 
     def _write_artifacts(self, summary: dict) -> None:
         model = self.ema.model if self.ema is not None else self.raw
