@@ -131,11 +131,14 @@ def build_or_load_memory(
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
     npy, meta_path, slot = cache_paths(cache_dir, root, split, fingerprint)
+    shape = (len(paths), in_chans, *size)
     meta = _read_meta(meta_path, fingerprint, npy)
-    if meta is None:
+    images = _open_images(npy, shape) if meta is not None else None
+    if images is None:
         with file_lock(cache_dir / f"folder-{slot}.lock"):
             meta = _read_meta(meta_path, fingerprint, npy)
-            if meta is None:
+            images = _open_images(npy, shape) if meta is not None else None
+            if images is None:
                 meta = _build_memory(
                     paths,
                     npy,
@@ -147,7 +150,18 @@ def build_or_load_memory(
                     workers or default_workers(),
                 )
                 _remove_stale(cache_dir, slot, keep=(npy.name, meta_path.name))
-    return np.load(npy, mmap_mode="c"), meta
+                images = np.load(npy, mmap_mode="c")
+    return images, meta
+
+
+def _open_images(npy: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The cached array, memory-mapped; None when its file is damaged (an unreadable header, another shape or
+    type), so that it is decoded again instead of failing every later run."""
+    try:
+        images = np.load(npy, mmap_mode="c")
+    except (ValueError, EOFError):
+        return None
+    return images if images.dtype == np.uint8 and images.shape == shape else None
 
 
 def _read_meta(meta_path: Path, fingerprint: str, npy: Path | None) -> dict | None:
