@@ -43,6 +43,26 @@ def test_quick_with_data_is_shortened_and_says_so():
     assert cfg.milestones == []  # lr 0.1 throughout, as the report says, without a step past the end
 
 
+def test_quick_on_a_small_folder_takes_a_val_size_and_quick_on_digits_is_plain_quick(monkeypatch, capsys):
+    """A folder of fewer than 1,000 images could not run --quick (its fixed carve of 1,000 left nothing to
+    train on, and no option changed it); --data digits ran the CIFAR recipe's crops and a 1,000-image carve."""
+    from resnet.cli import main
+
+    s = Settings(quick=True, data="some/folder", val_size=30)
+    cfg = load_recipe(plan_runs("degradation", s)[0].recipe, plan_runs("degradation", s)[0].all_overrides())
+    assert cfg.val_size == 30 and "with 30 images held out for validation" in quick_notes(s)[0]
+    seen = []
+    monkeypatch.setattr("resnet.commands.reproduce.reproduce",
+                        lambda exp, out, settings, runs_dir: seen.append((settings, runs_dir)) or {"report": "r"})
+    assert main(["reproduce", "degradation", "--quick", "--data", "digits"]) == 0
+    assert main(["reproduce", "degradation", "--quick"]) == 0
+    assert seen[0] == seen[1] and seen[0][0].data is None  # the same trainings, in the same folder
+    assert main(["reproduce", "degradation", "--quick", "--data", "f", "--val-size", "30"]) == 0
+    assert seen[2][0].val_size == 30 and seen[2][1].endswith("-val30/trainings")
+    assert main(["reproduce", "degradation", "--quick", "--val-size", "30"]) == 2
+    assert "--val-size sets the --quick settings on --data only" in capsys.readouterr().err
+
+
 def test_quick_digits_ramp_fits_a_shortened_run():
     """--iters 20 kept the 30-iteration ramp: the lr never reached the 0.1 the report stated."""
     for iters, ramp in ((None, 30), (100, 10), (20, 2), (5, 1)):

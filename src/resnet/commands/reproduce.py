@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=1, help="trainings per network (mean and spread)")
     parser.add_argument("--depths", help="comma-separated depths instead of the experiment's, e.g. 20,56")
     parser.add_argument("--iters", type=int, dest="max_iters", help="with --quick: iterations per training")
+    parser.add_argument("--val-size", type=int, help="with --quick and --data: images held out of train for "
+                        "validation (default 1000)")
     add_format(parser, ("text", "json"))
 
 
@@ -45,7 +47,7 @@ def _depths(text: str | None) -> tuple[int, ...] | None:
     return depths
 
 
-def default_base(quick: bool, data: str | None, max_iters: int | None) -> str:
+def default_base(quick: bool, data: str | None, max_iters: int | None, val_size: int | None = None) -> str:
     """The folder the default layout uses for these settings. Trainings made with other data or another
     iteration count are other networks: each such setting gets its own folder, so runs never meet one of
     another setting's under the same name (which train() would refuse) and reports never overwrite each other."""
@@ -61,6 +63,8 @@ def default_base(quick: bool, data: str | None, max_iters: int | None) -> str:
         base += "-" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", tag).strip("._") or "data")
     if max_iters:
         base += f"-iters{max_iters}"
+    if val_size:
+        base += f"-val{val_size}"
     return base
 
 
@@ -69,12 +73,20 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--seeds must be at least 1, not {args.seeds}.")
     if args.max_iters is not None and not args.quick:
         raise UserError("--iters shortens the --quick settings only; the full experiment uses the paper's recipes.")
-    settings = Settings(quick=args.quick, data=args.data, seeds=args.seeds, depths=_depths(args.depths),
-                        max_iters=args.max_iters)
+    if args.val_size is not None and not (args.quick and args.data and args.data != "digits"):
+        raise UserError("--val-size sets the --quick settings on --data only; the digits set has its own val "
+                        "split and the full experiment uses the paper's recipes.")
+    if args.val_size is not None and args.val_size < 1:
+        raise UserError(f"--val-size must be a count of at least 1 image, not {args.val_size}.")
+    # --quick --data digits is plain --quick (the quickstart recipe on the digits' own splits), not the CIFAR
+    # recipe's augmentation and 1,000-image carve on 1,437 digits.
+    data = None if args.quick and args.data == "digits" else args.data
+    settings = Settings(quick=args.quick, data=data, seeds=args.seeds, depths=_depths(args.depths),
+                        max_iters=args.max_iters, val_size=args.val_size)
     if args.out:
         out, runs_dir = args.out, None  # trainings under OUT/runs
     else:  # experiments share their trainings (degradation and responses need the same networks)
-        base = default_base(args.quick, args.data, args.max_iters)
+        base = default_base(args.quick, data, args.max_iters, args.val_size)
         out, runs_dir = f"{base}/{args.experiment}", f"{base}/trainings"
     results = reproduce(args.experiment, out, settings, runs_dir=runs_dir)
     if results.get("status") == "interrupted":

@@ -38,6 +38,7 @@ class Settings:
     seeds: int = 1
     depths: tuple[int, ...] | None = None
     max_iters: int | None = None  # quick mode's iteration count (None: the mode's default)
+    val_size: int | None = None  # quick mode on --data: images held out (None: QUICK_DATA's)
 
 
 # Reduced settings of --quick, per data source; stated in every quick report.
@@ -63,13 +64,17 @@ def quick_notes(s: Settings) -> list[str]:
                 f"0.1, divided by 10 at 32k and 48k)",
                 "no augmentation (flips and crops change what a digit is on an 8x8 grid)"]
     q = QUICK_DATA
-    return [f"data: {s.data}, with {q['val_size']} images held out for validation",
+    return [f"data: {s.data}, with {_val_size(s)} images held out for validation",
             f"{_iters(s, q)} iterations of batch {q['batch_size']} per network (the paper: 64,000 of 128); "
             f"lr 0.1 throughout (too few iterations to reach the paper's first step at 32k)"]
 
 
 def _iters(s: Settings, q: dict) -> int:
     return s.max_iters or q["max_iters"]
+
+
+def _val_size(s: Settings) -> int:
+    return s.val_size or QUICK_DATA["val_size"]
 
 
 def _ramp(s: Settings) -> int:
@@ -100,9 +105,9 @@ def _base(arch: str, s: Settings) -> tuple[str, list[str]]:
         if s.quick:
             q = QUICK_DATA
             it = _iters(s, q)
-            over += [f"max_iters={it}", "milestones=[]", "warmup_lr=0.0"] + [
+            over += [f"max_iters={it}", "milestones=[]", "warmup_lr=0.0", f"val_size={_val_size(s)}"] + [
                 f"{k}={q[k]}" for k in ("batch_size", "ref_batch_size", "eval_every", "log_every",
-                                        "checkpoint_every", "val_size")]
+                                        "checkpoint_every")]
     if arch.startswith("plain"):
         over.append("shortcut=null")
     return recipe, over
