@@ -29,6 +29,14 @@ def test_models_table_shows_paper_beside_ours(capsys):
     assert "resnet50" not in out
 
 
+def test_models_v15_marks_the_papers_figure_as_v1(capsys):
+    """The 4.089G of a v1.5 ResNet-50 stood beside the paper's 3.8G with nothing to say they differ by design."""
+    assert main(["models", "--family", "imagenet", "--variant", "v1.5"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert lines["resnet50"].endswith("4.089G  3.8G MACs (Table 1, v1)")
+    assert lines["resnet18"].endswith("1.8G MACs (Table 1)")  # no bottleneck, no variant
+
+
 def test_info_stages_add_up(capsys):
     assert main(["info", "resnet50", "--variant", "v1.5", "--format", "json"]) == 0
     info = json.loads(capsys.readouterr().out)
