@@ -116,6 +116,25 @@ def view_config(meta: dict):
                          scales=tuple(round(s * ratio) for s in base.scales))
 
 
+def _full_view_side(view: str, split, meta: dict) -> int | None:
+    """The side to bring images to for the full and flip views ("the image as it is") when the data's images
+    are not the model's input size: the shorter side resized to it and the centre taken, as `resnet predict`
+    does (resnet.predict.prepare). None when nothing is resized."""
+    size = getattr(split, "image_size", None)
+    h, w = (int(v) for v in meta["input_size"][1:])
+    if view not in ("full", "flip") or size is None or tuple(size) == (h, w):
+        return None
+    return min(h, w)
+
+
+def _center(x, side: int, view: str):
+    """A batch of the full view brought to `side` x `side`, then given `view` (flip: cropped, then mirrored,
+    in the order resnet.predict.prepare takes)."""
+    from .data.views import center_view, make_views
+
+    return make_views(center_view(x, side, side), view)
+
+
 def _check_recorded_carve(recorded: dict, ds, data) -> None:
     """Refuse the run's own val carve on a folder whose files changed since training: the same size and seed
     would pick other images, some of which the model was trained on."""
@@ -200,9 +219,10 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
         classes = meta["classes"] = list(ds.classes)
     mapping = class_mapping(classes, list(ds.classes))
     rank, world = _dist_info()
+    side = _full_view_side(view, ds.splits[split], meta)
     loader = make_loader(ds.splits[split], batch_size, train=False, augment="none", mean=meta["mean"],
                          std=meta["std"], rank=rank, world_size=world, device=str(device),
-                         channels_last=True, eval_view=view, cfg=view_config(meta))
+                         channels_last=True, eval_view="full" if side else view, cfg=view_config(meta))
     calibration = batches = None
     if predictor is None and precision == "int8":
         from .quantize import CALIBRATION_SIZE, calibration_batches, calibration_split
@@ -213,8 +233,18 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
                                             calibration=batches, weight_bits=weight_bits)
     if batches is not None:
         calibration = {"split": source, "n": sum(len(b) for b in batches), "weight_bits": predictor.weight_bits}
+    stream = loader.iter_epoch(0)
+    if side:
+        if rank == 0:
+            import sys
+
+            h, w = ds.splits[split].image_size
+            print(f"note: the images of '{data}' are {h}x{w} and the model's input is {side}x{side}; the {view} view "
+                  f"resizes their shorter side to {side} and takes the centre, as resnet predict does.",
+                  file=sys.stderr)
+        stream = ((_center(x, side, view), y) for x, y in stream)
     start = time.perf_counter()
-    scorer = score(predictor, loader.iter_epoch(0), mapping, len(classes))
+    scorer = score(predictor, stream, mapping, len(classes))
     wall = time.perf_counter() - start
     out = scorer.result(classes, list(ds.classes), per_class=per_class)
     if carved:
@@ -225,6 +255,8 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
     # Unreadable images of this split: found by the scan, plus those a streamed loader met (on any rank).
     met = sum_over_ranks(torch.tensor([len(getattr(loader, "skipped", []))]))
     skipped = len(getattr(ds.splits[split], "skipped", []) or []) + int(met.item())
+    if side:
+        out["resized_to"] = side
     out.update({"model": meta.get("source"), "data": str(data), "split": split, "view": view,
                 "world_size": world, "skipped": skipped,
                 "images_per_s": round(out["n"] / wall, 1) if wall > 0 else None})
