@@ -138,6 +138,15 @@ def test_recipe_names_directories_and_files_in_the_current_folder(tmp_path, monk
     (tmp_path / "quickstart").write_text("arch: resnet20\nlr: 0.7\n")
     assert load_recipe("quickstart").lr != 0.7 and load_recipe("quickstart").data == "digits"
     assert load_recipe("./quickstart").lr == 0.7
+    # ... and beside a folder of that name: `--recipe quickstart --out quickstart` run twice (to resume) was
+    # refused the second time as "a directory".
+    (tmp_path / "cifar10-fast").mkdir()
+    assert load_recipe("cifar10-fast").recipe == "cifar10-fast"
+    with pytest.raises(UserError, match="recipe './cifar10-fast' is a directory"):
+        load_recipe("./cifar10-fast")
+    (tmp_path / "curves.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x80\xff")
+    with pytest.raises(UserError, match="recipe file 'curves.png' is not text"):
+        load_recipe("curves.png")
 
 
 def test_milestones_past_the_end_are_pointed_out(tmp_path, capsys):

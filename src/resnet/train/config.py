@@ -67,7 +67,7 @@ class TrainConfig:
     lr_decay: float = 0.1
     warmup_lr: float = 0.0  # > 0: constant lr until the training error falls below warmup_until_train_err
     warmup_until_train_err: float = 0.8
-    ramp_iters: int = 0  # linear ramp from 0 (cosine, onecycle)
+    ramp_iters: int = 0  # linear ramp from 0 over the first iterations, before any schedule
     plateau_patience: int = 3  # evaluations without improvement before the lr is divided
     plateau_threshold: float = 0.001  # smallest drop of the validation top-1 error that counts
     min_lr: float = 0.0
@@ -209,17 +209,21 @@ def list_recipes() -> list[str]:
 
 def _read_recipe(name_or_path: str) -> tuple[str, dict]:
     path = Path(name_or_path)
-    if path.is_dir():
+    # A shipped recipe's bare name means that recipe even if a file or folder of that name is in the current
+    # folder (write ./NAME for the file): `--recipe quickstart --out quickstart` must resume where it ran.
+    shipped = name_or_path in list_recipes() and os.sep not in name_or_path and "/" not in name_or_path
+    if not shipped and path.is_dir():
         raise UserError(f"recipe '{name_or_path}' is a directory; give a recipe name "
                         f"({', '.join(list_recipes()[:4])}, ...) or a YAML file path.")
-    # A shipped recipe's bare name means that recipe even if a file of that name is in the current folder
-    # (write ./NAME for the file).
-    shipped = name_or_path in list_recipes() and os.sep not in name_or_path and "/" not in name_or_path
     if not shipped and (name_or_path.endswith((".yaml", ".yml")) or path.is_file()):
         if not path.is_file():
             raise UserError(f"recipe file '{name_or_path}' does not exist; give a recipe name "
                             f"({', '.join(list_recipes()[:4])}, ...) or a YAML file path.")
-        text, name = path.read_text(), path.stem
+        try:
+            text, name = path.read_text(encoding="utf-8"), path.stem
+        except UnicodeDecodeError:
+            raise UserError(f"recipe file '{name_or_path}' is not text (a YAML recipe is); give a recipe name "
+                            f"or a YAML file path.") from None
     else:
         names = list_recipes()
         if name_or_path not in names:
@@ -312,6 +316,9 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("momentum", "weight_decay", "warmup_lr", "min_lr", "ramp_iters"):
         if getattr(cfg, key) < 0:
             raise UserError(f"setting '{key}' must not be negative, not {getattr(cfg, key)}.")
+    if cfg.ramp_iters and cfg.ramp_iters >= cfg.max_iters:
+        raise UserError(f"setting 'ramp_iters' ({cfg.ramp_iters}) must be below max_iters ({cfg.max_iters}); the "
+                        f"lr would still be rising when the run ends.")
     if not 0 < cfg.lr_decay <= 1:
         raise UserError(f"setting 'lr_decay' is the factor the lr is multiplied by at each step, in (0, 1] "
                         f"(0.1 divides it by 10), not {cfg.lr_decay}.")
