@@ -209,6 +209,33 @@ def test_a_folder_holding_another_runs_outputs_is_never_overwritten(tmp_path):
         train(_tiny(lr=0.07), out)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert train(_tiny(), out)["status"] == "finished"  # the same settings still get their summary
+    # Outputs copied without their config.yaml were overwritten too (metrics emptied, weights replaced).
+    (out / "config.yaml").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(UserError, match=r"holds summary.json, model.safetensors, metrics.jsonl but no config.yaml"):
+        train(_tiny(), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # With a checkpoint, its own recorded settings decide: the same command still takes the run up again.
+    resumable = tmp_path / "resumable"
+    train(_tiny(), resumable)
+    for name in ("config.yaml", "summary.json"):
+        (resumable / name).unlink()
+    assert train(_tiny(), resumable)["status"] == "finished"
+
+
+@pytest.mark.parametrize("text", ["- a\n", "", "a: [\n", "name: myproject\n", "\x80\x81"])
+def test_a_config_yaml_that_is_not_a_runs_is_one_sentence(tmp_path, text):
+    """A list, an empty file, bad YAML or another tool's config.yaml in --out gave tracebacks, or 'unknown
+    setting' as if the user's override were wrong."""
+    from resnet.errors import UserError
+    from resnet.train import train
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_bytes(text.encode("latin-1"))
+    with pytest.raises(UserError, match=r"config.yaml' is not the config of a resnet run.*new --out folder") as err:
+        train(_tiny(), tmp_path / "run")
+    assert "\n" not in str(err.value)
+    assert (tmp_path / "run" / "config.yaml").read_bytes() == text.encode("latin-1")
 
 
 def test_a_second_process_on_the_same_folder_is_refused_while_the_first_holds_it(tmp_path):
@@ -331,3 +358,28 @@ def test_a_data_folder_whose_files_changed_is_refused_on_resume_and_by_evals_val
     assert res["n"] == 4
     (data / "train" / "a" / "100.png").unlink()
     assert train(cfg, out)["iterations"] == summary["iterations"]
+
+
+def test_a_folder_of_one_class_is_refused_before_training(tmp_path):
+    """It trained a 1-way classifier (loss 0 from the first step) and reported 0.00% validation error."""
+    from resnet.errors import UserError
+    from resnet.train import train
+    from test_data_folder import make_folder
+
+    data = make_folder(tmp_path / "imgs", {"train": {"only": 10}}, size=(8, 8))
+    with pytest.raises(UserError, match=r"has 1 class \(only\); a classifier needs at least 2"):
+        train(_tiny(data=str(data), in_chans=3, val_size=2, batch_size=4, ref_batch_size=4,
+                    cache_dir=str(tmp_path / "cache")), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_closed_message_pipe_does_not_end_the_run(tmp_path):
+    """`resnet train ... 2>&1 | head -2` stopped the run at its next message with exit status 0, no
+    checkpoint of the steps since the last one, and nothing said."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "resnet", "train", "--recipe", "cifar10-resnet20", "--out",
+                             str(out), *tiny_overrides(max_iters=12, log_every=1)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc.stderr.close()  # the reader is gone before the first message
+    assert proc.wait(timeout=120) == 0
+    assert json.loads((out / "summary.json").read_text())["iterations"] == 12

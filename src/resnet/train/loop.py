@@ -161,6 +161,9 @@ class Trainer:
                                         in_chans=cfg.in_chans, val_size=cfg.val_size, seed=cfg.data_seed,
                                         strict=cfg.strict_data)
         self._digests: dict | None = None  # data_digests(), computed when first needed
+        if len(self.ds.classes) < 2:  # one class: the loss is zero from the start and every error 0%
+            raise UserError(f"'{cfg.data}' has {len(self.ds.classes)} class ({', '.join(self.ds.classes)}); a "
+                            f"classifier needs at least 2, each a folder of images under train/.")
         if cfg.schedule == "plateau" and "val" not in self.ds.splits:
             raise UserError(f"schedule=plateau lowers the lr when the validation error stops improving, but "
                             f"'{cfg.data}' has no validation split; give it one (val_size=5000, or a val/ "
@@ -490,7 +493,12 @@ class Trainer:
     # --- the run --------------------------------------------------------------------------------------
     def _say(self, text: str) -> None:
         if self.info.is_main:
-            print(text, file=sys.stderr, flush=True)
+            try:
+                print(text, file=sys.stderr, flush=True)
+            except BrokenPipeError:
+                # Whoever read the messages went away (`2>&1 | head`): the run goes on without them, as
+                # metrics.jsonl records the same. Stopping here lost the steps since the last checkpoint.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
     def fit(self) -> dict:
         """Train from `self.it` to the end (or to a stop signal), then write the final outputs."""
@@ -707,17 +715,31 @@ def _existing_run(cfg: TrainConfig, out: Path) -> dict | None:
     """What `out` already holds: the summary of a finished run with the same settings (never retrained),
     None for a fresh or resumable folder; a folder holding another run's outputs is refused, so they are
     never overwritten, even when its checkpoint has been deleted."""
+    held = [name for name in _OUTPUTS if (out / name).exists() and (out / name).stat().st_size]
     if not (out / "config.yaml").exists():
+        # Outputs without the config that says what made them are not ours to overwrite; a checkpoint says
+        # its own settings, and resuming compares them.
+        if held and checkpoint.NAME not in held:
+            raise UserError(f"'{out}' holds {', '.join(held)} but no config.yaml saying which run wrote them; "
+                            f"choose a new --out folder, or move those files away.")
         return None
     import json
 
     import yaml
 
-    old = config_from_dict(yaml.safe_load((out / "config.yaml").read_text())).to_dict()
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+        if not isinstance(saved, dict):
+            raise ValueError
+        old = config_from_dict(saved).to_dict()
+    except (UserError, yaml.YAMLError, UnicodeDecodeError, ValueError) as err:
+        why = f" ({str(err).rstrip('.')})" if isinstance(err, UserError) else ""
+        raise UserError(f"'{out}/config.yaml' is not the config of a resnet run{why}; choose a new --out folder, "
+                        f"or move that file away.") from None
     new = cfg.to_dict()
     diff = changed_settings(old, new)
     if diff:
-        if any((out / name).exists() and (out / name).stat().st_size for name in _OUTPUTS):
+        if held:
             raise UserError(f"'{out}' holds a run with different settings ({', '.join(diff[:4])}); use the "
                             f"same recipe and overrides to resume it, or a new --out folder.")
         return None
