@@ -111,3 +111,16 @@ def test_two_processes_stopped_mid_window_resume_bit_for_bit_and_score_the_saved
                    for x, y in loader.iter_epoch(0))
     last_val = [m for m in strip[1] if m["split"] == "val"][-1]
     assert last_val["n"] == 37 and last_val["loss"] == pytest.approx(loss / 37, rel=1e-5)
+
+
+def test_world_size_without_a_rendezvous_address_is_one_sentence(monkeypatch):
+    """WORLD_SIZE=2 set by hand, without torchrun's MASTER_ADDR, ended in torch's ValueError traceback."""
+    from resnet.errors import UserError
+    from resnet.train import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.raises(UserError, match="WORLD_SIZE=2 is set but MASTER_ADDR not; launch with torchrun"):
+        distributed.setup("cpu")

@@ -107,6 +107,16 @@ def test_multistep_divides_at_milestones():
     assert [s.lr(i) for i in (0, 31, 32, 47, 48, 99)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
 
 
+def test_a_ramp_comes_before_every_schedule():
+    """ramp_iters was applied by cosine and onecycle only: with multistep or plateau it was silently ignored."""
+    s = LRSchedule("multistep", 0.1, 100, milestones=[5, 50], ramp_iters=10)
+    assert [s.lr(i) for i in (0, 4, 5, 9, 10, 50)] == pytest.approx([0.01, 0.05, 0.006, 0.01, 0.01, 0.001])
+    p = LRSchedule("plateau", 0.1, 100, ramp_iters=4)
+    assert [p.lr(i) for i in (0, 3, 4)] == pytest.approx([0.025, 0.1, 0.1])
+    with pytest.raises(UserError, match=r"'ramp_iters' \(40\) must be below max_iters \(40\)"):
+        load_recipe("quickstart", ["ramp_iters=40", "max_iters=40"])
+
+
 def test_warmup_holds_until_training_error_is_low_then_returns_to_base():
     s = LRSchedule("multistep", 0.1, 100, milestones=[50], warmup_lr=0.01, warmup_until_train_err=0.8)
     assert s.lr(0) == 0.01
@@ -162,3 +172,22 @@ def test_ema_averages_weights_and_bn_statistics_and_copies_the_step_count():
         torch.testing.assert_close(got[key], 0.9 * start[key] + 0.1 * new[key], msg=key)
         assert not torch.equal(got[key], new[key]), key
     assert int(got["1.num_batches_tracked"]) == int(new["1.num_batches_tracked"]) == 1
+
+
+def test_an_event_file_from_the_future_is_not_waited_for(tmp_path):
+    """A TensorBoard file stamped an hour ahead (another node's clock) held the run for that hour, silently;
+    one stamped this second is still waited out (a restart within the same second)."""
+    import time
+
+    from resnet.train.outputs import _after_existing_event_files
+
+    (tmp_path / f"events.out.tfevents.{int(time.time()) + 3600}.otherhost.1.0").touch()
+    t0 = time.perf_counter()
+    _after_existing_event_files(tmp_path)
+    assert time.perf_counter() - t0 < 0.5
+    for p in tmp_path.iterdir():
+        p.unlink()
+    now = int(time.time())
+    (tmp_path / f"events.out.tfevents.{now}.host.1.0").touch()
+    _after_existing_event_files(tmp_path)
+    assert int(time.time()) > now

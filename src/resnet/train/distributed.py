@@ -52,6 +52,10 @@ def setup(device: str = "auto") -> DistInfo:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        if missing:
+            raise UserError(f"WORLD_SIZE={world} is set but {' and '.join(missing)} not; launch with torchrun "
+                            f"(which sets them all), or unset WORLD_SIZE for one process.")
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 device_id=dev if dev.type == "cuda" else None)

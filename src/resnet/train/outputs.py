@@ -21,13 +21,14 @@ def _after_existing_event_files(tb_dir: Path) -> None:
     created. TensorBoard reads a folder's files in name order; a name is the creation second, then the host,
     the process id and a counter, compared as text. Two attempts of a run started within one second could
     then be read in the wrong order (a counter of 10 sorts before 9), and the later attempt's purge marker
-    would be read first and purge nothing. Costs at most a second, and only for a restart within a second."""
+    would be read first and purge nothing. Costs at most a second, and only for a restart within a second: a
+    file stamped later than that (another host's clock, or a file copied in) is not waited for."""
     seconds = []
     for p in tb_dir.glob("events.out.tfevents.*"):
         part = p.name.split(".")[3]
         if part.isdigit():
             seconds.append(int(part))
-    if seconds:
+    if seconds and max(seconds) <= int(time.time()) + 1:
         while int(time.time()) <= max(seconds):
             time.sleep(0.02)
 

@@ -3,6 +3,7 @@
 - multistep (Sec. 4.2): lr x lr_decay at each milestone iteration.
 - plateau (Sec. 3.4): lr x lr_decay when the validation error stops improving.
 - cosine (Loshchilov & Hutter 2017, SGDR) and onecycle (Smith & Topin 2017, linear up then down): ours.
+- ramp (`ramp_iters`): a linear ramp from 0 over the first iterations, before any of the shapes.
 - warm-up (Sec. 4.2, ResNet-110/1202): a constant `warmup_lr` until the training error is below
   `warmup_until_train_err`, then the schedule proper.
 
@@ -16,11 +17,12 @@ from collections.abc import Callable
 
 
 def _multistep(s: LRSchedule, it: int) -> float:
-    return s.lr_decay ** sum(1 for m in s.milestones if it >= m)
+    # With ramp_iters, the linear ramp first, as Goyal et al. 2017 ("gradual warmup") put before their steps.
+    return (_ramp(s, it) or 1.0) * s.lr_decay ** sum(1 for m in s.milestones if it >= m)
 
 
 def _plateau(s: LRSchedule, it: int) -> float:
-    return s.lr_decay ** s.state["decays"]
+    return (_ramp(s, it) or 1.0) * s.lr_decay ** s.state["decays"]
 
 
 def _ramp(s: LRSchedule, it: int) -> float | None:
