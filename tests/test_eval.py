@@ -122,6 +122,12 @@ def test_a_train_only_folder_defaults_to_the_val_split_the_model_was_trained_wit
     (run / "model.json").write_text(json.dumps({**meta, "val_split": {"val_size": 4, "seed": 0}}))
     res = evaluate(*load_model(run), str(data), cache_dir=cache, backend="torch")
     assert res["split"] == "val" and res["n"] == 4 and res["val_carved"] == {"val_size": 4, "seed": 0}
+    # A recorded carve larger than this folder's train split: the message said 'choose fewer' of a number
+    # the user never gave.
+    (run / "model.json").write_text(json.dumps({**meta, "val_split": {"val_size": 5000, "seed": 0}}))
+    with pytest.raises(UserError, match=r"the model's run carved 5000 validation images .* has 10 in train; "
+                                        r"pass --val-size N"):
+        evaluate(*load_model(run), str(data), cache_dir=cache, backend="torch")
 
 
 @pytest.mark.parametrize("view", ["center", "10crop"])

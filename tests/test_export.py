@@ -141,6 +141,19 @@ def test_export_never_replaces_the_model_it_reads_nor_takes_another_formats_name
     # beside the model under a name of its own is fine, as is the same model file given by its path
     assert main(["export", str(run / "model.safetensors"), "--format", "torchscript", "--out",
                  str(run / "model.pt"), "--no-check"]) == 0
+    # The files of another training run were not protected: an export named checkpoint.pt there ended its
+    # resumability. And the hint named the very file it refused.
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    (other / "config.yaml").write_text("arch: resnet20\n")
+    (other / "checkpoint.pt").write_bytes(b"the other run's state")
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(other / "checkpoint.pt")]) == 2
+    assert "would replace a file of the training run in" in capsys.readouterr().err
+    assert (other / "checkpoint.pt").read_bytes() == b"the other run's state"
+    assert main(["export", str(run / "model.safetensors"), "--format", "safetensors", "--out",
+                 str(run / "model.safetensors")]) == 2
+    assert f"e.g. {run / 'run-export.safetensors'}." in capsys.readouterr().err
 
 
 def test_what_a_bare_state_dict_did_not_record_stays_a_guess_in_its_export(run_dir, tmp_path):

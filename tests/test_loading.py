@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -205,6 +206,19 @@ def test_architecture_mismatch_names_the_keys(run_dir, tmp_path):
         load_model(path, arch="resnet20", options={"in_chans": 3})
 
 
+def test_a_model_json_of_another_model_is_not_called_a_corrupt_file(run_dir, tmp_path):
+    """Weights beside another model's model.json were reported as truncated or corrupt (the checksum ran
+    before the architecture check): the weights were intact, the description was of another network."""
+    out, _ = run_dir
+    other = tmp_path / "other"
+    other.mkdir()
+    save_model_artifacts(other, create_model("resnet32", num_classes=len(CLASSES)), meta_for("resnet32"))
+    (other / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    with pytest.raises(UserError, match="do not fit resnet32") as err:
+        load_model(other)
+    assert "corrupt" not in str(err.value)
+
+
 def test_class_count_mismatch_names_the_counts(run_dir):
     out, _ = run_dir
     doc = json.loads((out / "model.json").read_text())
@@ -218,6 +232,46 @@ def test_class_count_mismatch_names_the_counts(run_dir):
     (out / "model.json").write_text(json.dumps(doc))
     with pytest.raises(UserError, match="lists 3 class names but the model has 4 outputs"):
         load_model(out)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("input_size", [1, 32, 32], "'input_size' (it must be [channels, height, width] with 3 channels"),
+    ("input_size", [3, 8], "'input_size'"),
+    ("options", "x", "'options' (it must be a mapping"),
+    ("data", 5, "'data'"),
+    ("mean", ["0.3"] * 3, "'mean' (it must be 3 numbers"),
+    ("std", [0.0] * 3, "'std' (it must be 3 positive numbers"),
+    ("std", [-0.3] * 3, "'std'"),
+    ("eval_view", "sideways", "'eval_view' (it must be one of full, flip"),
+    ("classes", [1, 2, 3, 4], "'classes'"),
+    ("val_split", {"val_size": "all"}, "'val_split'"),
+])
+def test_a_hand_edited_model_json_is_one_sentence(run_dir, key, value, words):
+    """Each of these gave a traceback in eval or predict, or (a zero or negative std) silently wrong scores
+    and NaN probabilities in predict's JSON."""
+    out, _ = run_dir
+    doc = json.loads((out / "model.json").read_text())
+    (out / "model.json").write_text(json.dumps({**doc, key: value}))
+    with pytest.raises(UserError, match="the model description of .* has a bad " + re.escape(words)) as err:
+        load_model(out)
+    one_sentence(err, out)
+
+
+def test_a_null_field_of_model_json_takes_the_default_and_says_so(run_dir, capsys):
+    """"eval_view": null scored with the center view (224-pixel crops of a 32-pixel model) without a word."""
+    out, _ = run_dir
+    doc = json.loads((out / "model.json").read_text())
+    (out / "model.json").write_text(json.dumps({**doc, "eval_view": None}))
+    assert load_model(out)[1]["eval_view"] == "full"
+    del doc["input_size"]
+    (out / "model.json").write_text(json.dumps(doc))
+    from argparse import Namespace
+
+    from resnet.loading import load_from_args
+
+    load_from_args(Namespace(model=str(out), arch=None, option=[], trained_weights=False))
+    assert "does not record input_size; assuming the cifar defaults (mean [0.5, 0.5, 0.5], input 32x32" in (
+        capsys.readouterr().err)
 
 
 def test_cli_reports_a_bad_model_in_one_line_and_exit_2(tmp_path, capsys):
@@ -239,7 +293,8 @@ def test_model_json_digest_catches_a_flipped_bit_and_ignores_the_checkpoint(tmp_
     weights = save_model_artifacts(tmp_path / "run", model, meta)
     assert "weights_sha256" in json.loads((tmp_path / "run" / "model.json").read_text())
     load_model(tmp_path / "run")
-    torch.save({"model": create_model("resnet20", num_classes=3).state_dict()}, tmp_path / "run" / "c.pt")
+    torch.save({"model": create_model("resnet20", num_classes=3).state_dict(), "config": {"arch": "resnet20"}},
+               tmp_path / "run" / "c.pt")  # a training checkpoint of ours records its config
     load_model(tmp_path / "run" / "c.pt")
     (tmp_path / "alone").mkdir()
     (tmp_path / "alone" / "intact.safetensors").write_bytes(weights.read_bytes())
@@ -275,6 +330,10 @@ def test_a_state_dict_beside_a_runs_model_json_is_not_described_by_it(run_dir, t
     with pytest.raises(UserError, match="does not say which network it holds"):
         load_model(folder / "downloaded.pth")
     _, meta = load_model(folder / "downloaded.pth", arch="resnet20")
+    assert "classes" in meta["assumed"]
+    # A timm-style training checkpoint ({"state_dict", "epoch"}) there was taken for the run's own.
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, folder / "timm_ckpt.pth")
+    _, meta = load_model(folder / "timm_ckpt.pth", arch="resnet20")
     assert "classes" in meta["assumed"]
 
 

@@ -196,6 +196,10 @@ def evaluate(model: torch.nn.Module, meta: dict, data: str, *, split: str | None
         if size:
             size = int(size) if float(size).is_integer() else float(size)
             seed = int(data_seed if data_seed is not None else recorded.get("seed", 0))
+            if val_size is None and isinstance(size, int) and size >= len(ds.splits["train"]):
+                raise UserError(f"the model's run carved {size} validation images out of its train split, but "
+                                f"'{data}' has {len(ds.splits['train'])} in train; pass --val-size N to carve "
+                                f"another number (these are then not the images the run validated on).")
             carve_val(ds.splits, size, seed)  # the carve load_dataset(val_size=, seed=) makes, without reloading
             carved = {"val_size": size, "seed": seed}
             if val_size is None and data_seed is None:

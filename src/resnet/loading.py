@@ -14,6 +14,7 @@ weights alone cannot tell the two apart, so for bottleneck nets without metadata
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import pickletools
 import warnings
@@ -141,7 +142,9 @@ def _unnest(obj: object, path: Path, trained: bool = False) -> tuple[dict[str, t
         return obj, {}
     if isinstance(obj, dict):
         info = {k: obj[k] for k in ("config", "model_meta") if isinstance(obj.get(k), dict)}
-        info["checkpoint"] = True  # weights inside a training checkpoint (or a dict like one)
+        # Ours (it records its config): a run folder's model.json describes it. A timm or torchvision training
+        # checkpoint ({"state_dict": ..., "epoch": ...}) is another model, even inside a run folder.
+        info["checkpoint"] = bool(info)
         if trained and _is_state_dict(obj.get("model")):
             return obj["model"], info
         for key in _NESTED:
@@ -276,6 +279,45 @@ def _run_config(folder: Path) -> dict:
     return doc if isinstance(doc, dict) else {}
 
 
+def _bad_meta(path: Path, key: str, wanted: str) -> UserError:
+    return UserError(f"the model description of '{path}' has a bad '{key}' (it must be {wanted}); fix it in "
+                     f"model.json, or re-create it.")
+
+
+def _check_meta(meta: dict, path: Path) -> None:
+    """The fields every command relies on, checked once, so a hand-edited model.json is one sentence instead
+    of a traceback later (or, for a zero std, NaN scores)."""
+    from .data.views import VIEWS, canonical_view
+
+    c = meta["options"]["in_chans"]
+
+    def numbers(v, n):
+        return (isinstance(v, list) and len(v) == n
+                and all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v))
+
+    if not numbers(meta["mean"], c):
+        raise _bad_meta(path, "mean", f"{c} numbers, one per input channel, in 0-1 pixel units")
+    if not numbers(meta["std"], c) or min(meta["std"]) <= 0:
+        raise _bad_meta(path, "std", f"{c} positive numbers, one per input channel, in 0-1 pixel units")
+    size = meta["input_size"]
+    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(x, int) and x > 0 for x in size)
+            and size[0] == c):
+        raise _bad_meta(path, "input_size", f"[channels, height, width] with {c} channels, as the model has")
+    if not isinstance(meta["classes"], list) or not all(isinstance(x, str) for x in meta["classes"]):
+        raise _bad_meta(path, "classes", "a list of class names")
+    try:
+        canonical_view(meta["eval_view"])
+    except (ValueError, TypeError):
+        raise _bad_meta(path, "eval_view", f"one of {', '.join(VIEWS)}") from None
+    for key in ("data", "data_dir"):
+        if key in meta and not isinstance(meta[key], str):
+            raise _bad_meta(path, key, "a data source name or folder path")
+    split = meta.get("val_split")
+    if split is not None and not (isinstance(split, dict) and isinstance(split.get("val_size"), int | float)
+                                  and isinstance(split.get("seed", 0), int)):
+        raise _bad_meta(path, "val_split", 'a mapping {"val_size": N, "seed": S}')
+
+
 def _read_json(path: Path) -> dict:
     try:
         doc = json.loads(path.read_text())
@@ -333,10 +375,14 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
             raise UserError(f"--arch {arch} contradicts the architecture {meta['arch']} recorded with "
                             f"'{weights}'; drop --arch.")
         arch = meta["arch"]
+        if not isinstance(meta.get("options") or {}, dict):
+            raise _bad_meta(weights, "options", "a mapping of create_model options")
         opts = resolve_options(arch, **_merge_options(dict(meta.get("options") or {}), user_opts, weights))
         base = default_meta(arch, opts)
+        meta = {k: v for k, v in meta.items() if v is not None or k not in base}  # null: the default
         assumed = [k for k in base.pop("assumed") if k not in meta]
         meta = {**base, **meta, "options": opts, **({"assumed": assumed} if assumed else {})}
+        _check_meta(meta, weights)
     else:
         if arch is None:
             raise UserError(f"'{weights}' does not say which network it holds; name it with --arch (e.g. "
@@ -345,19 +391,21 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
         meta = default_meta(arch, opts)
         if bare_only:  # the options not read from the keys (a bottleneck's variant) are the caller's
             meta["assumed"].append("options")
-    if weights.suffix == ".safetensors":
-        expected = meta.get(DIGEST_KEY) or header.get(DIGEST_KEY)  # model.json's, or the file's own
-        if expected and state_digest(state) != expected:
-            raise _corrupt(weights, "its weights do not match the recorded checksum")
-    else:  # the digest describes model.safetensors; a checkpoint beside that model.json holds other weights
-        meta.pop(DIGEST_KEY, None)
     classes = meta.get("classes") or []
     if len(classes) != opts["num_classes"]:
         raise UserError(f"'{weights}' lists {len(classes)} class names but the model has "
                         f"{opts['num_classes']} outputs; fix the classes in model.json.")
     fix = ("set arch and its options (arch=, shortcut=, variant=) to the network the weights are for" if bare_only
            else _FIX_ARCH)
+    # The network first: weights of another model than model.json describes fail here, by their keys and
+    # shapes, rather than as a corrupt file below.
     model = _build(arch, opts, state, weights, folded=bool(meta.get("bn_folded")), fix=fix)
+    if weights.suffix == ".safetensors":
+        expected = meta.get(DIGEST_KEY) or header.get(DIGEST_KEY)  # model.json's, or the file's own
+        if expected and state_digest(state) != expected:
+            raise _corrupt(weights, "its weights do not match the recorded checksum")
+    else:  # the digest describes model.safetensors; a checkpoint beside that model.json holds other weights
+        meta.pop(DIGEST_KEY, None)
     meta["source"] = str(weights)
     meta.setdefault("bn_folded", False)
     if "data" not in meta or "val_split" not in meta:  # runs older than these records: their config says them
@@ -405,10 +453,11 @@ def load_from_args(args, map_location: str | torch.device = "cpu") -> tuple[nn.M
     model, meta = load_model(args.model, arch=args.arch, options=parse_options(args.option),
                              map_location=map_location, trained=getattr(args, "trained_weights", False))
     assumed = meta.get("assumed") or []
-    if {"mean", "std"} & set(assumed):  # scores would silently depend on a guess: say it, once
+    if {"mean", "std", "input_size"} & set(assumed):  # scores would silently depend on a guess: say it, once
         import sys
 
         print(f"note: '{meta['source']}' does not record {', '.join(assumed)}; assuming the "
-              f"{model_spec(meta['arch']).family} defaults (mean {[round(v, 4) for v in meta['mean']]}, classes "
-              f"0..{len(meta['classes']) - 1}, view {meta['eval_view']}).", file=sys.stderr)
+              f"{model_spec(meta['arch']).family} defaults (mean {[round(v, 4) for v in meta['mean']]}, input "
+              f"{'x'.join(map(str, meta['input_size'][1:]))}, classes 0..{len(meta['classes']) - 1}, view "
+              f"{meta['eval_view']}).", file=sys.stderr)
     return model, meta

@@ -113,13 +113,20 @@ def _refuse_clobbering(out: Path, fmt: str, source: Path) -> None:
     """--out must not be the model being read, nor one of the files of the run it belongs to, nor carry the
     suffix of another format (or of metadata)."""
     from ..errors import UserError
+    from ..train.checkpoint import NAME as CHECKPOINT
 
     suffix = out.suffix.lower()
     if suffix in (".json", ".yaml", ".jsonl") or any(suffix in names for other, names in SUFFIXES.items()
                                                       if other != fmt and suffix not in SUFFIXES[fmt]):
         raise UserError(f"--out '{out}' is named like another kind of file than {fmt}; name it "
                         f"*{SUFFIXES[fmt][0]}.")
-    ours = out.name in RUN_FILES and out.resolve().parent == source.resolve().parent
+    folder = out.resolve().parent
+    hint = source.parent / f"{source.resolve().parent.name or 'model'}-export{SUFFIXES[fmt][0]}"
+    ours = out.name in RUN_FILES and folder == source.resolve().parent
     if ours or (out.exists() and os.path.samefile(out, source)):
         raise UserError(f"--out '{out}' would replace the files of the model being exported; write to another "
-                        f"name, e.g. {source.parent / ('model' + SUFFIXES[fmt][0])}.")
+                        f"name, e.g. {hint}.")
+    # Any training run's folder: an export named checkpoint.pt there ended that run's resumability.
+    if out.name in RUN_FILES and any((folder / name).exists() for name in ("config.yaml", CHECKPOINT)):
+        raise UserError(f"--out '{out}' would replace a file of the training run in {folder}; write to another "
+                        f"name, e.g. {hint}.")
