@@ -157,6 +157,15 @@ def test_bit_flips_are_caught(run_dir, tmp_path):
     with pytest.raises(UserError, match="checksum") as err:
         load_model(st)
     one_sentence(err, st)
+    # ... and of its embedded model.json: a flipped bit in the mean (0.5 -> 0.4) loaded and scored silently.
+    st2 = tmp_path / "export2.safetensors"
+    export_model(model, load_model(out)[1], "safetensors", st2)
+    raw = st2.read_bytes()
+    assert raw.count(b'mean\\": [0.5,') == 1
+    st2.write_bytes(raw.replace(b'mean\\": [0.5,', b'mean\\": [0.4,'))
+    with pytest.raises(UserError, match="embedded metadata does not match the recorded checksum") as err:
+        load_model(st2)
+    one_sentence(err, st2)
     # model.json carrying weights_sha256 (see docs/contracts.md, Loading) protects model.safetensors too.
     doc = json.loads((out / "model.json").read_text())
     state = load_model(out)[0].state_dict()

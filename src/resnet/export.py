@@ -9,6 +9,7 @@ size, evaluation view) travels as ONNX `metadata_props` (key "resnet", JSON), a 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import warnings
@@ -116,11 +117,13 @@ def safetensors_bytes(net: nn.Module, meta: dict) -> bytes:
     from safetensors.torch import save
 
     from .artifacts import clean_state_dict, unwrap
-    from .loading import DIGEST_KEY, META_KEY, state_digest
+    from .loading import DIGEST_KEY, META_DIGEST_KEY, META_KEY, state_digest
 
     state = {k: v.detach().cpu().contiguous() for k, v in clean_state_dict(unwrap(net).state_dict()).items()}
     meta = {**meta, DIGEST_KEY: state_digest(state)}
-    return save(state, metadata={META_KEY: json.dumps(meta), "format": "resnet-model/1", "arch": meta["arch"]})
+    text = json.dumps(meta)
+    return save(state, metadata={META_KEY: text, META_DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest(),
+                                 "format": "resnet-model/1", "arch": meta["arch"]})
 
 
 def export_model(model: nn.Module, meta: dict, fmt: str, out: str | Path, *, fold: bool | None = None,

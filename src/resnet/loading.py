@@ -13,6 +13,7 @@ weights alone cannot tell the two apart, so for bottleneck nets without metadata
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pickle
@@ -35,6 +36,7 @@ CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
 CIFAR10_STD = [0.2470, 0.2435, 0.2616]
 META_KEY = "resnet"  # safetensors metadata entry holding model.json's content (written by `resnet export`)
 DIGEST_KEY = "weights_sha256"
+META_DIGEST_KEY = "resnet_sha256"  # sha256 of the META_KEY entry's text, so a flipped bit there is caught too
 # Keys under which checkpoints commonly nest the weights, most specific first.
 _NESTED = ("ema", "model", "state_dict", "model_state_dict", "model_state", "module", "net")
 
@@ -350,6 +352,9 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
     if weights.suffix == ".safetensors":
         state, header = read_safetensors(weights)
         if META_KEY in header:
+            recorded = header.get(META_DIGEST_KEY)  # exports before 2026-11-25 carry none
+            if recorded and hashlib.sha256(header[META_KEY].encode()).hexdigest() != recorded:
+                raise _corrupt(weights, "its embedded metadata does not match the recorded checksum")
             try:
                 meta = json.loads(header[META_KEY])
             except json.JSONDecodeError:
