@@ -12,7 +12,8 @@ Cases (the issue's): ResNet-50 at 224x224, batch 1 and 32; ResNet-20 at 32x32, b
   (benchmarks/precision_accuracy.py). Its logits are also compared by cosine similarity per image: on these
   untrained models the top classes are near ties, so top-1 agreement says little there.
 - ours bf16, on CPUs that compute in bf16 (AVX512_BF16, AMX) only: `InferenceModel(precision="bf16")`, the
-  folded channels_last model in bfloat16 on PyTorch (oneDNN). Checked like int8 (agreement and cosine).
+  folded channels_last model in bfloat16 on PyTorch (oneDNN; convolutions packed by resnet.packed). Checked
+  like int8 (agreement and cosine).
 Methods are timed in interleaved rounds (eager, ours, ort, eager, ...) so that load from other processes hits
 all three alike; the figure is the median. Before each timed call the benchmark sleeps SETTLE_S: the runtime
 that ran just before keeps its worker threads spinning for a while after returning, and without the pause each

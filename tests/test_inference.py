@@ -202,3 +202,43 @@ def test_thread_tuner_compares_candidates_per_pixel_not_per_image(monkeypatch):
         side = 8 if call < block else 16  # the first candidate happens to see the small images
         tuner.run(torch.zeros(1, 3, side, side).numpy())
     assert tuner.chosen == (2, False)
+
+
+@pytest.mark.parametrize("name, opts, size", [
+    ("resnet20", {}, 32), ("plain20", {}, 32), ("resnet18", {}, 64), ("resnet50", {"variant": "v1.5"}, 64),
+    ("resnet50", {"variant": "v1"}, 64), ("resnet20", {"shortcut": "B"}, 32),
+])
+def test_packed_convolutions_give_the_folded_nets_logits(name, opts, size):
+    """resnet.packed: weights reordered once, ReLU and the residual addition inside the convolutions. Every
+    block kind and shortcut, at the packed size and (through the plain net) at another size."""
+    from resnet.packed import available, pack
+
+    if not available():
+        pytest.skip("this PyTorch lacks oneDNN's pointwise convolution")
+    torch.manual_seed(0)
+    model = randomise_bn(create_model(name, num_classes=5, **opts))
+    meta = {"arch": name, "classes": list("abcde"), "mean": [0.5] * 3, "std": [0.2] * 3,
+            "input_size": [3, size, size]}
+    net = fold_bn(model).to(memory_format=torch.channels_last)
+    packed = pack(net, [3, size, size])
+    assert packed is not None
+    kinds = {type(m).__name__ for m in packed.modules()}
+    assert "PackedConv" in kinds and "Conv2d" not in kinds and "ReLU" not in kinds  # all packed, ReLUs fused
+    predictor = InferenceModel(model, meta, backend="torch")
+    assert predictor.packed
+    for shape in ((1, 3, size, size), (5, 3, size, size), (2, 3, size + 8, size)):
+        x = inputs(shape)
+        with torch.no_grad():
+            assert (predictor(x) - model(x)).abs().max() < 1e-4 * max(1.0, float(model(x).abs().max()))
+
+
+def test_packing_declines_what_it_does_not_know():
+    from resnet.packed import pack
+
+    model = randomise_bn(create_model("resnet20", num_classes=5))
+    assert pack(model, [3, 32, 32]) is None  # BatchNorm not folded: the convolutions alone are not the net
+    assert pack(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)).eval(), [3, 32, 32]) is None
+    meta = {"arch": "resnet20", "classes": list("abcde"), "mean": [0.5] * 3, "std": [0.2] * 3,
+            "input_size": [3, 32, 32]}
+    assert not InferenceModel(model, meta, backend="torch", fold=False).packed
+    assert not InferenceModel(model, {k: v for k, v in meta.items() if k != "input_size"}, backend="torch").packed
