@@ -618,9 +618,11 @@ class Trainer:
         from ..data.dataset import split_digest
 
         if self._digests is None:
-            digests = {name: (sp, split_digest(sp)) for name, sp in self.ds.splits.items()}
-            self._digests = {name: {"images": len(sp), "digest": d} for name, (sp, d) in digests.items()
-                             if d is not None}
+            self._digests = {}
+            for name, sp in self.ds.splits.items():
+                digest = split_digest(sp)
+                if digest is not None:
+                    self._digests[name] = {"images": len(sp), "digest": digest}
         return self._digests
 
     def _write_artifacts(self, summary: dict) -> None:
