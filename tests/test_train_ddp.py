@@ -64,8 +64,14 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path: Pa
 
     a, b = load_file(single / "model.safetensors"), load_file(ddp / "model.safetensors")
     assert a.keys() == b.keys()  # no `module.` prefix reached the file
+    # Equal to fp32 rounding: one batch of 16 and two of 8 plus an all-reduce sum in different orders, and
+    # 8 steps through BN grow those differences. Per tensor, |b - a| / |a| was at most 1.0e-4 on an AMX Xeon
+    # (elementwise, a near-zero weight can differ by more than rtol 1e-4 allows), against 1.5 when the
+    # ranks do not synchronise BN: the bound 1e-3 keeps a margin of 10 on each side.
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+        assert b[key].shape == a[key].shape, key
+        err = float((b[key].double() - a[key].double()).norm() / a[key].double().norm().clamp_min(1e-12))
+        assert err < 1e-3, f"{key}: relative difference {err:.2e}"
 
     ddp_summary = json.loads((ddp / "summary.json").read_text())
     assert ddp_summary["world_size"] == 2 and ddp_summary["test_n"] == summary["test_n"] == 29
