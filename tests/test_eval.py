@@ -217,7 +217,7 @@ def test_eval_scores_the_val_split_a_run_carved_and_the_runs_own_view(tmp_path, 
     # The command line says what it carved; --val-size carves another split size on request; without
     # --data it scores the run's own data.
     assert main(["eval", str(run), "--split", "val", "--val-size", "50", "--cache-dir", cache,
-                 "--backend", "torch"]) == 0
+                 "--backend", "torch", "--precision", "fp32"]) == 0
     assert " on digits [val: 50 of train, seed 0], view flip: n=50 " in capsys.readouterr().out
     with pytest.raises(UserError, match="--trained-weights needs a training run's checkpoint.pt"):
         load_model(run / "model.safetensors", trained=True)

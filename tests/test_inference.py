@@ -144,6 +144,70 @@ def test_bf16_on_the_command_line(tmp_path, monkeypatch, capsys):
     assert err.startswith("resnet eval: bf16 inference needs a CPU with AVX512_BF16 or AMX") and err.count("\n") == 1
 
 
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_in_it(monkeypatch):
+    from resnet.inference import resolve_precision
+
+    _bf16_cpu(monkeypatch, True)
+    assert [resolve_precision("auto", "cpu", b) for b in ("auto", "torch", "compile")] == ["bf16"] * 3
+    assert resolve_precision("auto", "cpu", "onnxruntime") == "fp32"  # ONNX Runtime runs the fp32 graph
+    assert resolve_precision("auto", "cuda", "auto") == "fp32"  # GPUs: fp32 until measured there
+    assert [resolve_precision(p, "cpu") for p in ("fp32", "bf16", "int8")] == ["fp32", "bf16", "int8"]
+    model = create_model("resnet20", num_classes=5)
+    meta = {"classes": list("abcde"), "input_size": [3, 32, 32]}
+    ours = InferenceModel(model, meta, precision="auto")
+    assert (ours.precision, ours.backend, ours.dtype) == ("bf16", "torch", torch.bfloat16)
+    assert InferenceModel(model, meta).precision == "fp32"  # the library's default does not follow the CPU
+    _bf16_cpu(monkeypatch, False)
+    assert resolve_precision("auto", "cpu", "torch") == "fp32"
+    ours = InferenceModel(model, meta, precision="auto", backend="torch")
+    assert (ours.precision, ours.dtype) == ("fp32", torch.float32)
+    with pytest.raises(UserError, match="precision must be one of auto, fp32, bf16, int8, not 'fp16'"):
+        resolve_precision("fp16")
+
+
+def _tiny_run(tmp_path):
+    from resnet.artifacts import save_model_artifacts
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    save_model_artifacts(run, randomise_bn(create_model("resnet20", num_classes=10, in_chans=1)),
+                         {"arch": "resnet20", "options": {"num_classes": 10, "in_chans": 1},
+                          "classes": [str(i) for i in range(10)], "mean": [0.5], "std": [0.25],
+                          "input_size": [1, 8, 8], "eval_view": "full", "data": "digits"})
+    return run
+
+
+def test_eval_and_predict_default_to_bf16_on_a_bf16_cpu_and_fp32_elsewhere(tmp_path, monkeypatch, capsys):
+    import json
+
+    from resnet.cli import main
+
+    run = _tiny_run(tmp_path)
+    image = tmp_path / "digit.png"
+    from PIL import Image
+
+    Image.fromarray((torch.rand(8, 8) * 255).to(torch.uint8).numpy()).save(image)
+    results = {}
+    for native, flags in ((True, []), (False, []), (True, ["--precision", "fp32"])):
+        _bf16_cpu(monkeypatch, native)
+        assert main(["eval", str(run), "--device", "cpu", "--format", "json", *flags]) == 0
+        out = capsys.readouterr()
+        res = json.loads(out.out)
+        results[(native, *flags)] = res
+        want = "bf16" if native and not flags else "fp32"
+        assert res["precision"] == want and res["n"] == 360
+        note = "resnet eval: bf16 (this CPU computes in it; --precision fp32 runs in fp32)."
+        assert (note in out.err) == (want == "bf16"), out.err
+        assert main(["predict", str(run), str(image), "--device", "cpu", "--format", "json", *flags]) == 0
+        out = capsys.readouterr()
+        assert ("resnet predict: bf16 (this CPU computes in it" in out.err) == (want == "bf16"), out.err
+        probs = [p["prob"] for p in json.loads(out.out)[0]["predictions"]]
+        assert len(probs) == 5 and probs == sorted(probs, reverse=True)
+    # fp32 forced on a bf16 CPU scores exactly what fp32 scores on a CPU without bf16.
+    assert results[(True, "--precision", "fp32")]["top1_err"] == results[(False,)]["top1_err"]
+
+
 def test_unknown_backend_is_a_user_error():
     with pytest.raises(UserError, match="backend must be one of"):
         InferenceModel(create_model("resnet20"), backend="tensorrt")

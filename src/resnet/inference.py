@@ -18,13 +18,26 @@ from .errors import UserError
 from .models.blocks import PadShortcut
 
 BACKENDS = ("auto", "torch", "compile", "onnxruntime")
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not '{precision}'.")
     return precision
+
+
+def resolve_precision(precision: str, device: str | torch.device = "cpu", backend: str = "auto") -> str:
+    """The precision "auto" stands for: bf16 on a CPU that computes in it (AVX512_BF16 or AMX) when the
+    backend is PyTorch's (auto, torch, compile), where it measured fastest at the same accuracy
+    (docs/inference.md); fp32 everywhere else (on GPUs, and for --backend onnxruntime). Other values are
+    returned as they are, once checked."""
+    from .machine import has_native_bf16
+
+    if check_precision(precision) != "auto":
+        return precision
+    cpu = torch.device(device).type == "cpu"
+    return "bf16" if cpu and backend in ("auto", "torch", "compile") and has_native_bf16() else "fp32"
 
 
 def check_bf16_device(device: torch.device) -> None:
@@ -196,8 +209,10 @@ class InferenceModel:
     (`resnet.quantize.calibration_batches` draws them from a data split), its weights of `weight_bits` bits
     (default: 8 where this CPU has VNNI, else 7; the choice is in `.weight_bits`). See resnet/quantize.py.
 
-    precision "bf16" (opt-in; torch or compile backends): the folded model's weights and activations in
-    bfloat16, on CPUs that compute in it (AVX512_BF16, AMX) and on GPUs; logits are returned as float32.
+    precision "bf16" (torch or compile backends): the folded model's weights and activations in bfloat16, on
+    CPUs that compute in it (AVX512_BF16, AMX) and on GPUs; logits are returned as float32. precision "auto"
+    (what `resnet eval` and `resnet predict` ask for): bf16 on such a CPU, else fp32 (`resolve_precision`);
+    `.precision` says which. The default here stays "fp32": a library call does not change numerics by CPU.
 
     The torch backend on the CPU runs batches of the model's input size through `resnet.packed` (weights in
     oneDNN's layout once, ReLU and additions fused; `.packed` says whether it applies), others as they are.
@@ -214,9 +229,9 @@ class InferenceModel:
 
         if backend not in BACKENDS:
             raise UserError(f"inference backend must be one of {', '.join(BACKENDS)}, not '{backend}'.")
-        self.precision = check_precision(precision)
-        self.meta = dict(meta or {})
         self.device = torch.device(device)
+        precision = self.precision = resolve_precision(precision, self.device, backend)
+        self.meta = dict(meta or {})
         if precision == "int8":
             if backend not in ("auto", "onnxruntime") or self.device.type != "cpu":
                 raise UserError(f"int8 inference runs on ONNX Runtime on the CPU; use --backend auto (or "

@@ -54,10 +54,17 @@ def cpu_for_int8(args: argparse.Namespace) -> str:
 
 
 def add_inference_precision(parser: argparse.ArgumentParser, int8_detail: str = "") -> None:
-    """--precision for the commands that run a model (eval, predict): fp32, bf16 or int8."""
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"),
-                        help="bf16: the model in bfloat16, on CPUs with AVX512_BF16 or AMX and on GPUs; int8: "
+    """--precision for the commands that run a model (eval, predict): auto, fp32, bf16 or int8."""
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "int8"),
+                        help="auto (default): bf16 on CPUs with AVX512_BF16 or AMX (the fastest there, at the same "
+                             "accuracy), else fp32; bf16: the model in bfloat16, on such CPUs and on GPUs; int8: "
                              f"quantize for ONNX Runtime on the CPU{int8_detail} (docs/inference.md)")
+
+
+def auto_precision_note(command: str, args: argparse.Namespace, resolved: str) -> None:
+    """One stderr line when --precision auto chose bf16, so that a user comparing with fp32 knows."""
+    if getattr(args, "precision", None) == "auto" and resolved == "bf16":
+        print(f"resnet {command}: bf16 (this CPU computes in it; --precision fp32 runs in fp32).", file=sys.stderr)
 
 
 def add_weight_bits(parser: argparse.ArgumentParser, *, portable: bool = False) -> None:

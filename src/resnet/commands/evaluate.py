@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate, save_confusion_png
     from ..inference import resolve_device
     from ..loading import load_from_args
-    from ._common import check_int8_flags, print_json, print_table
+    from ._common import auto_precision_note, check_int8_flags, print_json, print_table
     from ._common import cpu_for_int8 as _cpu_for_int8
 
     check_int8_flags(args)
@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     teardown()
     if rank != 0:
         return 0
+    auto_precision_note("eval", args, res["precision"])
     if args.confusion:
         save_confusion_png(confusion, meta["classes"], args.confusion)
         res["confusion_png"] = args.confusion

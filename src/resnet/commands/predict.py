@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from ..inference import InferenceModel, resolve_device
     from ..loading import load_from_args
     from ..predict import find_images, predict_files
-    from ._common import check_int8_flags, print_json
+    from ._common import auto_precision_note, check_int8_flags, print_json
     from ._common import cpu_for_int8 as _cpu_for_int8
 
     check_int8_flags(args)
@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
               f"{predictor.weight_bits}-bit weights.", file=sys.stderr)
     elif args.precision == "bf16":
         print("resnet predict: bf16 (weights and activations rounded to bfloat16).", file=sys.stderr)
+    else:
+        auto_precision_note("predict", args, predictor.precision)
     results = predict_files(predictor, meta, paths, topk=args.topk, batch_size=args.batch_size) + problems
     for r in results:  # a file name that is not UTF-8 is shown with \x escapes, not a crash on printing it
         r.update({k: _printable(r[k]) for k in ("path", "error") if k in r})
