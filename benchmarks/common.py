@@ -3,10 +3,11 @@
 - `fp32_peak_gflops`: the design guide's definition, cores x 32 FLOP/cycle (AVX2: two 8-wide FMA units)
   x the clock the OS reports (resnet.machine). On a VM the reported clock can be the base clock while the
   cores run faster (turbo), so fractions of this peak can overstate how close a figure is to the hardware.
-- `measured_fma_gflops`: what the cores actually deliver, measured now: a C loop of independent AVX2 FMAs
+- `measured_fma_gflops`: what the cores actually deliver, measured now: a C loop of independent FMAs
   (ten accumulators per thread, enough to cover the FMA latency on both units) on every core this process
-  may use, for about a second. It needs a C compiler (cc/gcc); without one the field is null. The
-  effective clock it implies (`measured_ghz`) is printed too.
+  may use, for about a second; 512-bit FMAs on CPUs with AVX-512, else 256-bit (AVX2). It needs a C compiler
+  (cc/gcc); without one the field is null. The effective clock it implies (`measured_ghz`, over the FLOP per
+  cycle that resnet.machine counts for this CPU) is printed too.
 
 Fractions of both are printed; the measured one is the honest ceiling.
 """
@@ -29,20 +30,30 @@ _FMA_LOOP = r"""
 #include <stdlib.h>
 #include <time.h>
 static long iters;
+#ifdef __AVX512F__
+#define VEC __m512
+#define SET1 _mm512_set1_ps
+#define ADD _mm512_add_ps
+#define FMA(r) r = _mm512_fmadd_ps(r, b, c)
+#define STORE _mm512_storeu_ps
+#else
+#define VEC __m256
+#define SET1 _mm256_set1_ps
+#define ADD _mm256_add_ps
 #define FMA(r) r = _mm256_fmadd_ps(r, b, c)
+#define STORE _mm256_storeu_ps
+#endif
 static void *work(void *out) {
     /* ten independent accumulators in named registers (an array could be spilled to memory) */
-    __m256 b = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
-    __m256 a0 = _mm256_set1_ps(1), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
-           a9 = a0;
+    VEC b = SET1(0.999999f), c = SET1(1e-7f);
+    VEC a0 = SET1(1), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0;
     for (long i = 0; i < iters; i++) {
         FMA(a0); FMA(a1); FMA(a2); FMA(a3); FMA(a4); FMA(a5); FMA(a6); FMA(a7); FMA(a8); FMA(a9);
     }
-    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
-                             _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
-    s = _mm256_add_ps(s, _mm256_add_ps(a8, a9));
-    float v[8];
-    _mm256_storeu_ps(v, s);
+    VEC s = ADD(ADD(ADD(a0, a1), ADD(a2, a3)), ADD(ADD(a4, a5), ADD(a6, a7)));
+    s = ADD(s, ADD(a8, a9));
+    float v[16];
+    STORE(v, s);
     *(float *)out = v[0];
     return 0;
 }
@@ -67,13 +78,16 @@ def measured_fma_gflops(cores: int, repeats: int = 3) -> float | None:
     """The best of `repeats` runs of the FMA loop on `cores` threads, in GFLOP/s; None without a compiler
     or on a CPU without AVX2/FMA."""
     cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None or "avx2" not in Path("/proc/cpuinfo").read_text(errors="ignore"):
+    flags = resnet.machine.cpu_flags()
+    if cc is None or "avx2" not in flags:
         return None
-    iters = 20_000_000  # x 10 accumulators x 8 lanes x 2 FLOP = 3.2 GFLOP per thread, ~1 s per run
+    lanes = 16 if "avx512f" in flags else 8
+    iters = 20_000_000  # x 10 accumulators x 8 or 16 lanes x 2 FLOP = 3.2 or 6.4 GFLOP per thread, ~1 s per run
     with tempfile.TemporaryDirectory() as tmp:
         src, exe = Path(tmp) / "fma.c", Path(tmp) / "fma"
         src.write_text(_FMA_LOOP)
-        built = subprocess.run([cc, "-O2", "-mavx2", "-mfma", "-pthread", str(src), "-o", str(exe)],
+        isa = ["-mavx512f"] if lanes == 16 else []
+        built = subprocess.run([cc, "-O2", "-mavx2", "-mfma", *isa, "-pthread", str(src), "-o", str(exe)],
                                capture_output=True)
         if built.returncode:
             return None
@@ -81,7 +95,7 @@ def measured_fma_gflops(cores: int, repeats: int = 3) -> float | None:
         for _ in range(repeats):
             out = subprocess.run([str(exe), str(cores), str(iters)], capture_output=True, text=True, check=True)
             seconds = float(out.stdout.split()[0])
-            best = max(best, cores * iters * 10 * 8 * 2 / seconds / 1e9)
+            best = max(best, cores * iters * 10 * lanes * 2 / seconds / 1e9)
     return best
 
 
@@ -90,7 +104,8 @@ def machine() -> dict:
     info = machine_info()
     measured = measured_fma_gflops(info["cores"])
     info["measured_fma_gflops"] = round(measured, 1) if measured else None
-    info["measured_ghz"] = round(measured / info["cores"] / 32, 3) if measured else None
+    per_cycle = resnet.machine.flop_per_cycle(resnet.machine._cpuinfo())
+    info["measured_ghz"] = round(measured / info["cores"] / per_cycle, 3) if measured else None
     info["load_avg_1m"] = round(os.getloadavg()[0], 2)
     return info
 

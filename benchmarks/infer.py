@@ -2,8 +2,12 @@
 
 Cases (the issue's): ResNet-50 at 224x224, batch 1 and 32; ResNet-20 at 32x32, batch 256. Per case:
 - eager: the model as a typical user runs it (fp32, NCHW, BatchNorm unfused, `torch.no_grad`);
-- ours: `resnet.inference.InferenceModel` with its default backend (what eval and predict use; on the
-  CPU, ONNX Runtime with the thread setting it measured fastest during its first calls);
+- ours: `resnet.inference.InferenceModel(precision="auto")`, what eval and predict run by default: on CPUs
+  that compute in bf16 (AVX512_BF16, AMX) the folded channels_last model in bfloat16 on PyTorch (oneDNN;
+  convolutions packed by resnet.packed), elsewhere fp32 on the default backend (ONNX Runtime with the
+  thread setting it measured fastest during its first calls). Its line's `precision` says which. bf16 is
+  checked like int8 (agreement and cosine below; validation error in docs/inference.md);
+- ours fp32, only where ours is bf16: the fp32 default backend, as `--precision fp32` runs;
 - onnxruntime: the same exported ONNX model (BN folded) in a default `InferenceSession`;
 - ours int8: `InferenceModel(precision="int8")`, the same ONNX model statically quantized (resnet.quantize),
   calibrated on real images other than the checked ones. Its accuracy is not equal to fp32 by construction:
@@ -11,9 +15,6 @@ Cases (the issue's): ResNet-50 at 224x224, batch 1 and 32; ResNet-20 at 32x32, b
   in both precisions of trained ResNet-20s and of a ResNet-50 trained on CIFAR images
   (benchmarks/precision_accuracy.py). Its logits are also compared by cosine similarity per image: on these
   untrained models the top classes are near ties, so top-1 agreement says little there.
-- ours bf16, on CPUs that compute in bf16 (AVX512_BF16, AMX) only: `InferenceModel(precision="bf16")`, the
-  folded channels_last model in bfloat16 on PyTorch (oneDNN; convolutions packed by resnet.packed). Checked
-  like int8 (agreement and cosine).
 Methods are timed in interleaved rounds (eager, ours, ort, eager, ...) so that load from other processes hits
 all three alike; the figure is the median. Before each timed call the benchmark sleeps SETTLE_S: the runtime
 that ran just before keeps its worker threads spinning for a while after returning, and without the pause each
@@ -28,12 +29,12 @@ difference) and top-1 must agree on every image. The models are freshly initiali
 statistics (no trained ImageNet weights here), which exercises folding as trained weights would.
 
 Allocator: the `resnet` command sets glibc's malloc to keep freed memory (`resnet.machine.keep_freed_memory`),
-which speeds up the PyTorch methods (eager, ours bf16) and not ONNX Runtime's (its own arena). It is
+which speeds up the PyTorch methods (eager, ours in bf16) and not ONNX Runtime's (its own arena). It is
 process-wide, so with `--malloc kept` (the default, as the commands run) eager runs with it too, a stronger
 baseline than a plain script's; `--malloc default` leaves glibc as a plain script has it, for every method.
 Each line records which (`malloc`).
 
-Fraction of peak: FLOPs = 2 x multiply-adds (resnet.complexity), over the nominal FP32 peak (cores x 32
+Fraction of peak: FLOPs = 2 x multiply-adds (resnet.complexity), over the nominal FP32 peak (cores x 32 or 64
 FLOP/cycle x reported clock) and over the FMA peak measured now (benchmarks/common.py). Prints one JSON
 line per figure. Run: python benchmarks/infer.py
 """
@@ -59,7 +60,6 @@ from resnet.data.decode import decode_image
 from resnet.data.views import center_view
 from resnet.export import export_meta, onnx_bytes
 from resnet.inference import InferenceModel, default_threads, fold_bn
-from resnet.machine import has_native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10" / "train"
@@ -104,7 +104,7 @@ def run_case(name: str, size: int, batch: int, rounds: int, env: dict) -> list[d
     meta = {"arch": name, "classes": [str(i) for i in range(model.num_classes)], "mean": MEAN, "std": STD,
             "input_size": [3, size, size], "eval_view": "full"}
     flops = 2 * sum(c.macs for c in layer_costs(model, (3, size, size)))
-    ours = InferenceModel(model, meta)
+    ours = InferenceModel(model, meta, precision="auto")
     check = real_images(max(batch, 8), size)
     calibration = real_images(CALIBRATION[name], size, offset=len(check)).split(32)
     ours_int8 = InferenceModel(model, meta, precision="int8", calibration=calibration)
@@ -119,8 +119,8 @@ def run_case(name: str, size: int, batch: int, rounds: int, env: dict) -> list[d
         return torch.from_numpy(ref_sess.run(None, {"input": x.numpy()})[0])
 
     methods = {"eager": eager, "ours": ours, "onnxruntime": onnxruntime, "ours int8": ours_int8}
-    if has_native_bf16():
-        methods["ours bf16"] = InferenceModel(model, meta, precision="bf16")
+    if ours.precision != "fp32":
+        methods["ours fp32"] = InferenceModel(model, meta, precision="fp32")
     # Equal accuracy on real images (8 at batch 1, else one batch), fed in batches of the case's size.
     ref = torch.cat([eager(c) for c in check.split(batch)])
     agree = {}
@@ -132,8 +132,10 @@ def run_case(name: str, size: int, batch: int, rounds: int, env: dict) -> list[d
                       "top1_agree": float((out.argmax(1) == ref.argmax(1)).float().mean()), "n": len(ref)}
     x = check[:batch].contiguous()  # the accuracy check above was also every method's warm-up
     chosen = {}
-    for key in ("ours", "ours int8"):  # let ours finish choosing its thread setting
-        fn = methods[key]
+    for key in ("ours", "ours int8", "ours fp32"):  # let the ONNX Runtime ones finish choosing their threads
+        fn = methods.get(key)
+        if fn is None:
+            continue
         while fn._ort is not None and fn._ort.chosen is None:
             fn(x)
         if fn._ort is not None:
