@@ -16,7 +16,7 @@ across processes. `--malloc default` leaves glibc as a plain script has it, for 
 call is skipped).
 
 Fraction of peak: training FLOPs per image = 3 x forward FLOPs = 3 x 2 x multiply-adds
-(resnet.complexity), over the nominal FP32 peak (cores x 32 FLOP/cycle x reported clock) and over the
+(resnet.complexity), over the nominal FP32 peak (cores x 32 or 64 FLOP/cycle x reported clock) and over the
 FMA peak measured now (benchmarks/common.py). Prints one JSON line per figure.
 Run: python benchmarks/train.py [--rounds N]
 """
