@@ -1,8 +1,9 @@
 """What every benchmark line carries about the machine, and the two peaks its fractions are taken of.
 
 - `fp32_peak_gflops`: the design guide's definition, cores x 32 FLOP/cycle (AVX2: two 8-wide FMA units;
-  64 with two AVX-512 units, resnet.machine.flop_per_cycle) x the clock the OS reports (resnet.machine). On a VM the reported clock can be the base clock while the
-  cores run faster (turbo), so fractions of this peak can overstate how close a figure is to the hardware.
+  64 with two AVX-512 units, resnet.machine.flop_per_cycle) x the clock the OS reports (resnet.machine).
+  On a VM the reported clock can be the base clock while the cores run faster (turbo), so fractions of
+  this peak can overstate how close a figure is to the hardware.
 - `measured_fma_gflops`: what the cores actually deliver, measured now: a C loop of independent FMAs
   (ten accumulators per thread, enough to cover the FMA latency on both units) on every core this process
   may use, for about a second; 512-bit FMAs on CPUs with AVX-512, else 256-bit (AVX2). It needs a C compiler
