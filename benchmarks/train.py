@@ -7,7 +7,15 @@
 
 Same images for both (the 45k training split of ../shared/data/cifar10, decoded once by resnet.data
 into memory), batch 128. Methods run in interleaved rounds (ref, ours..., ref, ...) so load from other
-processes hits all alike; each figure is the median over rounds of images/s in a window of steps.
+processes hits all alike; each figure is the median over rounds of images/s in a window of steps. Before
+each window the benchmark sleeps `--settle` seconds: after the reference's window its DataLoader workers go
+on refilling their prefetch queue (4 batches, ~10 ms of one core each on the AVX2 VM), and without the
+pause that work, and any threads still spinning, ran inside the next method's window.
+`vs_reference` is the ratio of the medians; `vs_reference_paired` is the median over rounds of each round's
+ratio (this method's window over the reference's window of the same round), which the machine's slow
+drifts in speed (boost clock, neighbours on a VM: windows of one method alone ranged 340-480 images/s on
+the 2-core AVX2 VM) move less. On CPUs without native bf16 (AVX512_BF16, AMX) the bf16 variant is
+emulated and over 10x slower; it is left out there unless `--with-emulated-bf16`.
 
 Our loop sets glibc's malloc to keep freed memory (`resnet.machine.keep_freed_memory`, no page faults for
 each step's buffers). That setting is process-wide, so the reference, timed in the same process, runs with
@@ -18,7 +26,7 @@ call is skipped).
 Fraction of peak: training FLOPs per image = 3 x forward FLOPs = 3 x 2 x multiply-adds
 (resnet.complexity), over the nominal FP32 peak (cores x 32 or 64 FLOP/cycle x reported clock) and over the
 FMA peak measured now (benchmarks/common.py). Prints one JSON line per figure.
-Run: python benchmarks/train.py [--rounds N]
+Run: python benchmarks/train.py [--rounds N] [--settle S]
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +48,7 @@ import torch.nn.functional as F
 from common import add_malloc_option, apply_malloc_option, fractions, machine
 from resnet import create_model
 from resnet.complexity import model_cost
+from resnet.machine import has_native_bf16
 from resnet.train.config import load_recipe
 from resnet.train.distributed import DistInfo
 from resnet.train.loop import StopSignals, Trainer
@@ -142,20 +152,28 @@ def timed(method, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="timed windows per method")
+    parser.add_argument("--rounds", type=int, default=10, help="timed windows per method")
     parser.add_argument("--steps", type=int, default=8, help="training steps per window")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps per method first")
     parser.add_argument("--skip", nargs="*", default=[], help="variants to leave out (e.g. compile)")
+    parser.add_argument("--settle", type=float, default=0.5, help="seconds of idle time before each window")
+    parser.add_argument("--with-emulated-bf16", action="store_true",
+                        help="time the bf16 variant also on a CPU that emulates bf16 (over 10x slower)")
     add_malloc_option(parser)
     args = parser.parse_args()
     info = machine()
     kept = apply_malloc_option(args.malloc)  # what our loop does first; in force for every method from here on
+    skip = list(args.skip)
+    if not has_native_bf16() and not args.with_emulated_bf16:
+        skip.append("bf16")
+        print("note: this CPU emulates bf16 (no AVX512_BF16 or AMX); the bf16 variant is left out "
+              "(--with-emulated-bf16 times it).", file=sys.stderr)
     ds = load_images()
     flops_per_image = 3 * 2 * model_cost("resnet20")["macs"]
     with tempfile.TemporaryDirectory() as tmp:
         methods = {"reference": Reference(ds)}
         for name, overrides in VARIANTS.items():
-            if not any(s in name for s in args.skip):
+            if not any(s in name for s in skip):
                 methods[name] = Ours(ds, overrides, Path(tmp) / name.replace(" ", "_"))
         for m in methods.values():
             for _ in range(args.warmup):
@@ -163,15 +181,18 @@ def main() -> None:
         rates = {name: [] for name in methods}
         for _ in range(args.rounds):
             for name, m in methods.items():
+                time.sleep(args.settle)
                 rates[name].append(timed(m, args.steps))
     ref = statistics.median(rates["reference"])
     for name, values in rates.items():
         rate = statistics.median(values)
+        paired = statistics.median([v / r for v, r in zip(values, rates["reference"], strict=True)])
         print(json.dumps({
             "bench": "train_resnet20_cifar10", "method": name, "images_per_s": round(rate, 1),
-            "vs_reference": round(rate / ref, 3), **fractions(rate * flops_per_image / 1e9, info),
+            "vs_reference": round(rate / ref, 3), "vs_reference_paired": round(paired, 3),
+            **fractions(rate * flops_per_image / 1e9, info),
             "windows_images_per_s": [round(v, 1) for v in values], "batch": BATCH, "steps_per_window": args.steps,
-            "train_flops_per_image": flops_per_image, "malloc_kept": kept, **info}))
+            "train_flops_per_image": flops_per_image, "malloc_kept": kept, "settle_s": args.settle, **info}))
 
 
 if __name__ == "__main__":
