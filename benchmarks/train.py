@@ -5,17 +5,20 @@
 - ours: `resnet.train.loop.Trainer.step` (the training loop's own step body) fed by `resnet.data`'s
   batch-level augmentation, in several settings (fp32 NCHW, fp32 channels_last, bf16, torch.compile).
 
-Same images for both (the 45k training split of ../shared/data/cifar10, decoded once by resnet.data
-into memory), batch 128. Methods run in interleaved rounds (ref, ours..., ref, ...) so load from other
-processes hits all alike; each figure is the median over rounds of images/s in a window of steps. Before
-each window the benchmark sleeps `--settle` seconds: after the reference's window its DataLoader workers go
-on refilling their prefetch queue (4 batches, ~10 ms of one core each on the AVX2 VM), and without the
-pause that work, and any threads still spinning, ran inside the next method's window.
-`vs_reference` is the ratio of the medians; `vs_reference_paired` is the median over rounds of each round's
-ratio (this method's window over the reference's window of the same round), which the machine's slow
-drifts in speed (boost clock, neighbours on a VM: windows of one method alone ranged 340-480 images/s on
-the 2-core AVX2 VM) move less. On CPUs without native bf16 (AVX512_BF16, AMX) the bf16 variant is
-emulated and over 10x slower; it is left out there unless `--with-emulated-bf16`.
+Same images for both (the 45k training split of ../shared/data/cifar10, decoded once by resnet.data into
+memory), batch 128. Methods run in interleaved rounds (ref, ours..., ref, ...) so load from other processes
+hits all alike; each figure is the median over rounds of images/s in a window of steps. Before each window the
+benchmark sleeps `--settle` seconds: after the reference's window its DataLoader workers go on refilling their
+prefetch queue (4 batches, ~10 ms of one core each on the AVX2 VM), and without the pause that work, and any
+threads still spinning, ran inside the next method's window. `vs_reference_paired`, the figure to quote, is
+the median over rounds of each round's ratio (this method's window over the reference's window of the same
+round); `vs_reference` is the ratio of the medians. On the 2-core AVX2 VM single steps of one method ranged
+270-490 ms within a minute, and with windows of 8 steps and 5 rounds the ratio of medians ranged 1.09-1.42x
+over seven runs of one morning; short windows (2 steps) in many rounds (40), compared pair by pair, gave 1.21,
+1.25 and 1.22x in three runs. The settle pause lets the reference start each window with its prefetch queue
+full, so its data work is partly outside its windows: that flatters the reference by up to ~3% (4 x 10 ms
+against ~380 ms steps), never us. On CPUs without native bf16 (AVX512_BF16, AMX) the bf16 variant is emulated
+and over 10x slower; it is left out there unless `--with-emulated-bf16`.
 
 Our loop sets glibc's malloc to keep freed memory (`resnet.machine.keep_freed_memory`, no page faults for
 each step's buffers). That setting is process-wide, so the reference, timed in the same process, runs with
@@ -152,8 +155,8 @@ def timed(method, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10, help="timed windows per method")
-    parser.add_argument("--steps", type=int, default=8, help="training steps per window")
+    parser.add_argument("--rounds", type=int, default=40, help="timed windows per method")
+    parser.add_argument("--steps", type=int, default=2, help="training steps per window")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps per method first")
     parser.add_argument("--skip", nargs="*", default=[], help="variants to leave out (e.g. compile)")
     parser.add_argument("--settle", type=float, default=0.5, help="seconds of idle time before each window")
