@@ -15,18 +15,19 @@ Cases (the issue's): ResNet-50 at 224x224, batch 1 and 32; ResNet-20 at 32x32, b
   in both precisions of trained ResNet-20s and of a ResNet-50 trained on CIFAR images
   (benchmarks/precision_accuracy.py). Its logits are also compared by cosine similarity per image: on these
   untrained models the top classes are near ties, so top-1 agreement says little there.
-Methods are timed in interleaved rounds (eager, ours, ort, eager, ...) so that load from other processes hits
-all three alike; the figure is the median. Before each timed call the benchmark sleeps SETTLE_S: the runtime
-that ran just before keeps its worker threads spinning for a while after returning, and without the pause each
-method was timed against the previous one's spinning threads (measured on 2 cores, ResNet-20 batch 256: two
-ONNX Runtime sessions with equal settings differed by 20% depending on which ran second, and eager lost 15%; with 0.2 s
-pauses both sessions ran alike). Each case runs in a fresh process of its own, so no case's figures depend on
-which ran before: eager PyTorch's speed follows the C allocator's state (glibc adapts its mmap and trim
-thresholds to the largest blocks freed so far), and after the ResNet-50 cases had run in the same process,
-eager ResNet-20 at batch 256 ran 1439 images/s, against 941-959 in a process of its own. Equal accuracy: on
-real CIFAR-10 JPEGs (upscaled for ResNet-50) every method's logits are compared with eager's (max abs
-difference) and top-1 must agree on every image. The models are freshly initialised with randomised BatchNorm
-statistics (no trained ImageNet weights here), which exercises folding as trained weights would.
+Methods are timed in interleaved rounds (eager, ours, ort, eager, ...) so that load from other processes hits all
+three alike; the figure is the median, and the `_paired` ratios are medians over rounds of each round's ratio (calls
+close in time share the machine's state, which drifts on a VM). Before each timed call the benchmark sleeps
+SETTLE_S: the runtime that ran just before keeps its worker threads spinning for a while after returning, and
+without the pause each method was timed against the previous one's spinning threads (measured on 2 cores, ResNet-20
+batch 256: two ONNX Runtime sessions with equal settings differed by 20% depending on which ran second, and eager
+lost 15%; with 0.2 s pauses both sessions ran alike). Each case runs in a fresh process of its own, so no case's
+figures depend on which ran before: eager PyTorch's speed follows the C allocator's state (glibc adapts its mmap and
+trim thresholds to the largest blocks freed so far), and after the ResNet-50 cases had run in the same process,
+eager ResNet-20 at batch 256 ran 1439 images/s, against 941-959 in a process of its own. Equal accuracy: on real
+CIFAR-10 JPEGs (upscaled for ResNet-50) every method's logits are compared with eager's (max abs difference) and
+top-1 must agree on every image. The models are freshly initialised with randomised BatchNorm statistics (no trained
+ImageNet weights here), which exercises folding as trained weights would.
 
 Allocator: the `resnet` command sets glibc's malloc to keep freed memory (`resnet.machine.keep_freed_memory`),
 which speeds up the PyTorch methods (eager, ours in bf16) and not ONNX Runtime's (its own arena). It is
@@ -63,7 +64,7 @@ from resnet.inference import InferenceModel, default_threads, fold_bn
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10" / "train"
-CASES = [("resnet50", 224, 1, 12), ("resnet50", 224, 32, 3), ("resnet20", 32, 256, 11)]
+CASES = [("resnet50", 224, 1, 25), ("resnet50", 224, 32, 7), ("resnet20", 32, 256, 21)]
 CALIBRATION = {"resnet50": 64, "resnet20": 512}  # images the int8 model is calibrated on (after the checked ones)
 SETTLE_S = 0.25  # idle time before each timed call, so no other runtime's threads are still spinning
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
@@ -148,6 +149,10 @@ def run_case(name: str, size: int, batch: int, rounds: int, env: dict) -> list[d
             fn(x)
             times[key].append(time.perf_counter() - t)
     ips = {k: batch / statistics.median(v) for k, v in times.items()}
+
+    def paired(key: str, base: str) -> float:  # median over rounds of the speed ratio within each round
+        return round(statistics.median([b / t for t, b in zip(times[key], times[base], strict=True)]), 3)
+
     lines = []
     for key in methods:
         precision = methods[key].precision if key.startswith("ours") else "fp32"
@@ -159,6 +164,7 @@ def run_case(name: str, size: int, batch: int, rounds: int, env: dict) -> list[d
             **({"ort_setting": chosen[key]} if key in chosen else {}),
             "images_per_s": round(ips[key], 2),
             "vs_eager": round(ips[key] / ips["eager"], 3), "vs_onnxruntime": round(ips[key] / ips["onnxruntime"], 3),
+            "vs_eager_paired": paired(key, "eager"), "vs_onnxruntime_paired": paired(key, "onnxruntime"),
             "gflop_per_image": round(flops / 1e9, 3), **fractions(ips[key] * flops / 1e9, env),
             **({"peak_note": f"{precision}: the model's FLOPs over the fp32 peaks, as if it ran in fp32"}
                if precision != "fp32" else {}),
