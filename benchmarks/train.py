@@ -16,8 +16,8 @@ round); `vs_reference` is the ratio of the medians. On the 2-core AVX2 VM single
 270-490 ms within a minute, and with windows of 8 steps and 5 rounds the ratio of medians ranged 1.09-1.42x
 over seven runs of one morning; short windows (2 steps) in many rounds (40), compared pair by pair, gave 1.21,
 1.25 and 1.22x in three runs. The settle pause lets the reference start each window with its prefetch queue
-full, so its data work is partly outside its windows: that flatters the reference by up to ~3% (4 x 10 ms
-against ~380 ms steps), never us. On CPUs without native bf16 (AVX512_BF16, AMX) the bf16 variant is emulated
+full, so its data work is partly outside its windows: that flatters the reference by up to ~3% (~10 ms of data
+work per ~380 ms step), never us. On CPUs without native bf16 (AVX512_BF16, AMX) the bf16 variant is emulated
 and over 10x slower; it is left out there unless `--with-emulated-bf16`.
 
 Our loop sets glibc's malloc to keep freed memory (`resnet.machine.keep_freed_memory`, no page faults for
