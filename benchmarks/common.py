@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import subprocess
 import tempfile
 from pathlib import Path
@@ -117,6 +118,12 @@ def fractions(gflops: float, info: dict) -> dict:
     return {"achieved_gflops": round(gflops, 2),
             "fraction_of_fp32_peak": round(gflops / nominal, 3) if nominal else None,
             "fraction_of_measured_peak": round(gflops / measured, 3) if measured else None}
+
+
+def paired_ratio(values: list[float], base: list[float]) -> float:
+    """The median over rounds of values[i] / base[i]: each round's ratio of two methods timed close together,
+    which a VM's drifting speed (boost clock, neighbours) moves less than a ratio of medians does."""
+    return round(statistics.median([v / b for v, b in zip(values, base, strict=True)]), 3)
 
 
 def add_malloc_option(parser) -> None:

@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import add_malloc_option, apply_malloc_option, fractions, machine
+from common import add_malloc_option, apply_malloc_option, fractions, machine, paired_ratio
 from resnet import create_model
 from resnet.complexity import layer_costs
 from resnet.data.decode import decode_image
@@ -149,10 +149,6 @@ def run_case(name: str, size: int, batch: int, rounds: int, env: dict) -> list[d
             fn(x)
             times[key].append(time.perf_counter() - t)
     ips = {k: batch / statistics.median(v) for k, v in times.items()}
-
-    def paired(key: str, base: str) -> float:  # median over rounds of the speed ratio within each round
-        return round(statistics.median([b / t for t, b in zip(times[key], times[base], strict=True)]), 3)
-
     lines = []
     for key in methods:
         precision = methods[key].precision if key.startswith("ours") else "fp32"
@@ -164,7 +160,8 @@ def run_case(name: str, size: int, batch: int, rounds: int, env: dict) -> list[d
             **({"ort_setting": chosen[key]} if key in chosen else {}),
             "images_per_s": round(ips[key], 2),
             "vs_eager": round(ips[key] / ips["eager"], 3), "vs_onnxruntime": round(ips[key] / ips["onnxruntime"], 3),
-            "vs_eager_paired": paired(key, "eager"), "vs_onnxruntime_paired": paired(key, "onnxruntime"),
+            "vs_eager_paired": paired_ratio(times["eager"], times[key]),
+            "vs_onnxruntime_paired": paired_ratio(times["onnxruntime"], times[key]),
             "gflop_per_image": round(flops / 1e9, 3), **fractions(ips[key] * flops / 1e9, env),
             **({"peak_note": f"{precision}: the model's FLOPs over the fp32 peaks, as if it ran in fp32"}
                if precision != "fp32" else {}),

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import add_malloc_option, apply_malloc_option, fractions, machine
+from common import add_malloc_option, apply_malloc_option, fractions, machine, paired_ratio
 from resnet import create_model
 from resnet.complexity import model_cost
 from resnet.machine import has_native_bf16
@@ -189,10 +189,9 @@ def main() -> None:
     ref = statistics.median(rates["reference"])
     for name, values in rates.items():
         rate = statistics.median(values)
-        paired = statistics.median([v / r for v, r in zip(values, rates["reference"], strict=True)])
         print(json.dumps({
             "bench": "train_resnet20_cifar10", "method": name, "images_per_s": round(rate, 1),
-            "vs_reference": round(rate / ref, 3), "vs_reference_paired": round(paired, 3),
+            "vs_reference": round(rate / ref, 3), "vs_reference_paired": paired_ratio(values, rates["reference"]),
             **fractions(rate * flops_per_image / 1e9, info),
             "windows_images_per_s": [round(v, 1) for v in values], "batch": BATCH, "steps_per_window": args.steps,
             "train_flops_per_image": flops_per_image, "malloc_kept": kept, "settle_s": args.settle, **info}))
