@@ -111,6 +111,28 @@ def test_exif_rotated_jpeg_is_upright(tmp_path):
     assert image_size(tmp_path / "r.jpg") == (8, 4)
 
 
+@pytest.mark.parametrize("orientation", [1, 3, 5, 6, 7, 8])
+def test_exif_rotated_tiff_size_is_the_decoded_size(tmp_path, orientation):
+    """Pillow turns a TIFF upright itself and reports its upright size: the header probe that sizes the
+    decode cache must agree with the decoder, or every rotated TIFF is squeezed into the wrong shape."""
+    img = Image.fromarray(_rgb(6, 10))
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    img.save(tmp_path / "r.tif", exif=exif)
+    out = decode_image(tmp_path / "r.tif")
+    assert out.shape == (3, 10, 6) if orientation >= 5 else (3, 6, 10)
+    assert image_size(tmp_path / "r.tif") == out.shape[1:]
+    # the same picture as a JPEG-free reference: the PNG with the same tag decodes to the same pixels
+    img.save(tmp_path / "r.png", exif=exif)
+    assert np.array_equal(decode_image(tmp_path / "r.png"), out)
+
+
+def test_float_tiff_in_a_16_bit_range_is_scaled_not_white(tmp_path):
+    arr = np.array([[0.0, 16384.0, 32768.0, 65535.0]], np.float32)
+    Image.fromarray(arr, mode="F").save(tmp_path / "f.tif")
+    assert decode_image(tmp_path / "f.tif")[0, 0].tolist() == [0, 64, 128, 255]
+
+
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 

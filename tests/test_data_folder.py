@@ -228,6 +228,30 @@ def test_a_thin_strip_is_skipped_not_blown_up_into_the_memory_array(tmp_path):
     assert ds.splits["train"].images.shape == (3, 3, 6, 6) and len(ds.splits["train"].skipped) == 1
 
 
+def test_a_strip_among_mixed_sizes_is_refused_by_the_streaming_index_not_mid_run(tmp_path):
+    """The streamed loader refuses a 100:1 strip when a view resizes it: the index, built before training,
+    must refuse it too, so --strict fails at once and the counts `resnet data` prints are the trainer's."""
+    root = tmp_path / "d"
+    for i, (h, w) in enumerate([(10, 14), (12, 9), (16, 16)]):
+        (root / "train" / "c").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((h, w, 3), 30 * i, np.uint8)).save(root / "train" / "c" / f"{i}.png")
+    Image.fromarray(np.zeros((1, 300, 3), np.uint8)).save(root / "train" / "c" / "strip.png")
+    with pytest.raises(UserError, match=r"strip\.png is 300x1, thinner than the 100:1.*--strict"):
+        load_dataset(root, cache_dir=tmp_path / "c", strict=True, workers=1)
+    with pytest.warns(SkippedImageWarning, match="strip.png"):
+        ds = load_dataset(root, cache_dir=tmp_path / "c2", workers=1)
+    assert ds.kind == "stream" and len(ds.splits["train"]) == 3 and len(ds.skipped) == 1
+
+
+def test_a_dangling_link_is_skipped_with_its_path_not_silently_dropped(tmp_path):
+    root = make_folder(tmp_path / "d", {"train": {"a": 3}})
+    (root / "train" / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.warns(SkippedImageWarning, match="gone.png"):
+        ds = load_dataset(root, cache_dir=tmp_path / "c", workers=1)
+    assert [(Path(p).name, "cannot be read" in r) for p, r in ds.skipped] == [("gone.png", True)]
+    assert len(ds.splits["train"]) == 3
+
+
 @pytest.mark.parametrize("kind", ["memory", "stream"])
 def test_a_class_folder_whose_every_image_is_bad_is_refused_like_an_empty_one(tmp_path, kind):
     """It used to stay in the classes with no training image at all, the output never learnt."""

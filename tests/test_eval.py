@@ -101,6 +101,14 @@ def test_a_class_missing_from_the_model_is_a_clear_error(tmp_path):
         class_mapping(["a"], ["a", "b"])
 
 
+def test_class_names_match_whatever_unicode_form_the_file_system_spelt_them_in():
+    """macOS writes "é" decomposed (e + combining accent), Linux keeps what it was given, usually composed:
+    the same class to the user, so the same class to evaluation."""
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    assert class_mapping(["apple", composed], [decomposed, "apple"]).tolist() == [1, 0]
+    assert class_mapping([decomposed], [composed]).tolist() == [0]
+
+
 def test_missing_split_names_the_choices(tmp_path):
     data = image_folder(tmp_path / "data")
     run = constant_model(tmp_path / "run", list(COUNTS), favourite="apple")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import unicodedata
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -20,13 +21,16 @@ from .errors import UserError
 
 def class_mapping(model_classes: list[str], data_classes: list[str]) -> torch.Tensor:
     """Tensor m with m[data_index] = model_index of the same class name; one sentence when one is missing."""
-    index = {name: i for i, name in enumerate(model_classes)}
-    missing = [c for c in data_classes if c not in index]
+    def key(name: str) -> str:  # a folder copied from macOS may spell "é" decomposed (NFD): the same name
+        return unicodedata.normalize("NFC", name)
+
+    index = {key(name): i for i, name in enumerate(model_classes)}
+    missing = [c for c in data_classes if key(c) not in index]
     if missing:
         shown = ", ".join(repr(c) for c in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise UserError(f"the data has classes the model was not trained on ({shown}); evaluate on data whose "
                         f"class folders are among the model's {len(model_classes)} classes.")
-    return torch.tensor([index[c] for c in data_classes], dtype=torch.long)
+    return torch.tensor([index[key(c)] for c in data_classes], dtype=torch.long)
 
 
 def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..artifacts import atomic_write_bytes
-from .decode import DECODE_VERSION, BadImage, check_aspect, decode_image, image_size
+from .decode import DECODE_VERSION, BadImage, check_aspect, check_aspect_size, decode_image, image_size
 from .sources import file_lock
 
 CACHE_FORMAT = "resnet-data-cache/1"
@@ -76,6 +76,9 @@ def _check_chunk(job: tuple) -> list[tuple[int, str, int, int]]:
     for offset, path in enumerate(paths):
         try:
             h, w = image_size(path, max_pixels)
+            # The loader refuses a strip when a view resizes it, mid-run: refuse it here, where `resnet data`,
+            # the skip counts and --strict see it before training starts.
+            check_aspect_size(h, w)
             decode_image(path, in_chans, max_pixels=max_pixels, draft_size=(1, 1))
             out.append((start + offset, "", h, w))
         except BadImage as err:

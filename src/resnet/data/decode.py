@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 # Bump when decoding changes what pixels come out, so caches made by the old code are not reused.
-DECODE_VERSION = 2  # 2: PNG tRNS transparency in L and RGB images composited onto white
+DECODE_VERSION = 3  # 2: PNG tRNS transparency in L and RGB images composited onto white; 3: rotated TIFF
+# sizes, strips refused by the streaming index, float TIFFs in a 16-bit range
 
 # Largest image (in pixels) we agree to decode: Pillow's own default limit (about 89 megapixels). A file
 # whose header claims more is refused as a decompression bomb before a single pixel is decoded.
@@ -43,10 +44,14 @@ class BadImage(Exception):
 
 def check_aspect(arr: np.ndarray) -> np.ndarray:
     """`arr` (C x H x W) unchanged, or BadImage when it is too thin to resize by its shorter side."""
-    h, w = arr.shape[-2:]
+    check_aspect_size(*arr.shape[-2:])
+    return arr
+
+
+def check_aspect_size(h: int, w: int) -> None:
+    """BadImage when an H x W image is too thin to resize by its shorter side (the views' rule)."""
     if max(h, w) > MAX_ASPECT * min(h, w):
         raise BadImage(f"is {w}x{h}, thinner than the {MAX_ASPECT}:1 the evaluation and training views can resize")
-    return arr
 
 
 def is_image_name(name: str) -> bool:
@@ -102,7 +107,8 @@ def to_array(img: Image.Image, in_chans: int = 3) -> np.ndarray:
         # 16-bit and 32-bit grayscale: scale the full range to 8 bits (convert("L") would clip to white).
         arr = np.asarray(img)
         if mode == "F":
-            hi = 1.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 255.0
+            top = float(np.nanmax(arr, initial=0.0))
+            hi = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0  # 0-1, 8-bit or 16-bit range
             gray = np.clip(np.nan_to_num(arr) * (255.0 / hi), 0, 255).round().astype(np.uint8)
         else:
             arr = arr.astype(np.int64)
@@ -156,6 +162,10 @@ def image_size(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[i
     img = open_image(path, max_pixels)
     with img:
         w, h = img.size
+        if img.format == "TIFF" and (w, h) != (img.tag_v2.get(256), img.tag_v2.get(257)):
+            # Pillow (13 at least) turns a TIFF upright as it loads it and already reports the upright size
+            # for orientations 5-8: swapping again would give the stored size, not the decoded one.
+            return (h, w)
         try:
             orientation = img.getexif().get(ORIENTATION, 1)
         except Exception:  # noqa: BLE001

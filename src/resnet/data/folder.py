@@ -71,8 +71,8 @@ def image_files_under(path: Path, unreadable: list[tuple[str, str]] | None = Non
                         continue
                     seen.add(real)
                     stack.append(Path(e.path))
-                elif e.is_file() and is_image_name(e.name):
-                    out.append(e)
+                elif is_image_name(e.name) and (e.is_file() or e.is_symlink()):
+                    out.append(e)  # a dangling link is kept: decoding refuses it with its path, counted
     out.sort(key=lambda e: e.path)
     return out
 
@@ -115,7 +115,10 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[str], dict[str, ScannedSp
                     f"the class folder {split_dir / name} holds no images; add some or remove it."
                 )
             for e in files:
-                st = e.stat()
+                try:
+                    st = e.stat()
+                except OSError:  # a dangling link: fingerprint the link itself; decoding skips it
+                    st = e.stat(follow_symlinks=False)
                 scanned.paths.append(e.path)
                 scanned.stats.append(
                     (os.path.relpath(e.path, root), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
