@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from resnet.cli import main
@@ -69,3 +70,13 @@ def test_data_command_shows_the_warnings_training_would_show(tmp_path):
     err = proc.stderr
     assert "resnet data: warning: " in err and "folders validation are not read" in err
     assert "bad.png" not in err and "Warning" not in err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["data", "digits", "--val-size", "100", "--seed", "-1"], "seed of the validation carve must be a whole number"),
+    (["data", "~no_such_user_here/x"], "starts with a home directory that does not exist"),
+])
+def test_a_negative_seed_or_an_unknown_home_is_one_sentence(capsys, args, words):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err

@@ -148,6 +148,18 @@ def test_bad_depths_are_one_sentence(capsys):
     assert "depth 21 has no CIFAR network" in capsys.readouterr().err
 
 
+def test_zero_iterations_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    """--iters 0 was read as "not given" and started the eight trainings of the quick experiment."""
+    import resnet.train as train_mod
+
+    def started(cfg, out):
+        raise AssertionError(f"a training started with max_iters={cfg.max_iters}")
+
+    monkeypatch.setattr(train_mod, "train", started)
+    assert main(["reproduce", "degradation", "--quick", "--iters", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--iters must be at least 1" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_table6_best_is_the_least_error_and_the_paper_column_only_beside_cifar10(tmp_path):
     """'best val error' used to be the mean over seeds, and digits errors stood beside the paper's CIFAR-10."""
     from resnet.experiments.runner import _command, _table6

@@ -277,8 +277,8 @@ def test_outputs_are_readable_like_other_files_and_stale_temporaries_are_removed
 def test_resumed_log_drops_the_lines_after_the_checkpoint_and_the_test_line(tmp_path):
     """A run killed inside finish() after its test line had been written repeats finish() on the rerun:
     the old test line goes, so the log holds one."""
-    lines = [{"iter": 6, "split": "train"}, {"iter": 12, "split": "val"}, {"iter": 12, "split": "test"},
-             {"iter": 13, "split": "train"}]
+    lines = [{"iter": 6, "split": "train", "top1_err": 0.5}, {"iter": 12, "split": "val", "top1_err": 0.4},
+             {"iter": 12, "split": "test", "top1_err": 0.4}, {"iter": 13, "split": "train", "top1_err": 0.3}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines) + '{"iter": 1')
     outputs.RunLog(tmp_path, resume_iter=12).close()
     assert outputs.read_metrics(tmp_path / "metrics.jsonl") == lines[:2]

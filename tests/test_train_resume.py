@@ -212,7 +212,8 @@ def test_a_folder_holding_another_runs_outputs_is_never_overwritten(tmp_path):
     # Outputs copied without their config.yaml were overwritten too (metrics emptied, weights replaced).
     (out / "config.yaml").unlink()
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    with pytest.raises(UserError, match=r"holds summary.json, model.safetensors, metrics.jsonl but no config.yaml"):
+    held = r"summary.json, model.safetensors, metrics.jsonl, model.json, curves.png"
+    with pytest.raises(UserError, match=rf"holds {held} but no config.yaml"):
         train(_tiny(), out)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     # With a checkpoint, its own recorded settings decide: the same command still takes the run up again.
@@ -383,3 +384,38 @@ def test_a_closed_message_pipe_does_not_end_the_run(tmp_path):
     proc.stderr.close()  # the reader is gone before the first message
     assert proc.wait(timeout=120) == 0
     assert json.loads((out / "summary.json").read_text())["iterations"] == 12
+
+
+def test_a_users_model_json_or_curves_are_not_overwritten(tmp_path):
+    """--out naming a folder of the user's own files that a run would write (model.json, curves.png) is refused."""
+    from resnet.errors import UserError
+    from resnet.train import train
+
+    for name in ("model.json", "curves.png"):
+        out = tmp_path / name.split(".")[0]
+        out.mkdir()
+        (out / name).write_text("the user's own")
+        with pytest.raises(UserError, match=rf"holds {name} but no config.yaml"):
+            train(_tiny(), out)
+        assert (out / name).read_text() == "the user's own"
+
+
+def test_a_damaged_summary_or_metrics_log_never_blocks_the_resumption(tmp_path):
+    """A summary.json that is not JSON gave a traceback; bytes that are not UTF-8, or lines that are not the
+    log's records, in metrics.jsonl stopped the resumption of a run whose checkpoint was whole."""
+    from resnet.errors import UserError
+    from resnet.train import train
+
+    out = tmp_path / "run"
+    first = train(_tiny(), out)
+    (out / "summary.json").write_text('{"status": "finis')
+    with pytest.raises(UserError, match=r"summary.json' is damaged.*delete it and run the same command again"):
+        train(_tiny(), out)
+    (out / "summary.json").unlink()
+    good = (out / "metrics.jsonl").read_text().splitlines()
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b'garbage{\n\x00\xff\n[1, 2]\n{"iter": 1, "split": "train"}\n')
+    again = train(_tiny(), out)
+    assert again["iterations"] == first["iterations"] and (out / "curves.png").exists()
+    kept = (out / "metrics.jsonl").read_text().splitlines()
+    assert kept[:-1] == [line for line in good if '"test"' not in line] and '"test"' in kept[-1]

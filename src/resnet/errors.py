@@ -7,7 +7,9 @@ data folder, a corrupt file. The command line prints its message alone, never a 
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -22,6 +24,15 @@ def closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
         prefix = [c for c in choices if c.startswith(name[:3])] if len(name) >= 3 else []
         found = prefix[:n]
     return found
+
+
+def user_path(text: str | os.PathLike) -> Path:
+    """`text` as a Path with a leading ~ or ~user expanded; a user name that does not exist is a UserError."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # pathlib: "Could not determine home directory."
+        raise UserError(f"'{os.fspath(text)}' starts with a home directory that does not exist on this machine; "
+                        f"give the path in full.") from None
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

@@ -71,6 +71,8 @@ def default_base(quick: bool, data: str | None, max_iters: int | None, val_size:
 def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise UserError(f"--seeds must be at least 1, not {args.seeds}.")
+    if args.max_iters is not None and args.max_iters < 1:
+        raise UserError(f"--iters must be at least 1 iteration, not {args.max_iters}.")
     if args.max_iters is not None and not args.quick:
         raise UserError("--iters shortens the --quick settings only; the full experiment uses the paper's recipes.")
     if args.val_size is not None and not (args.quick and args.data and args.data != "digits"):

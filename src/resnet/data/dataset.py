@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError, did_you_mean
+from ..errors import UserError, did_you_mean, user_path
 from . import cache as cache_mod
 from .decode import MAX_PIXELS, BadImage, decode_image, image_size, to_gray
 from .folder import scan_folder
@@ -237,6 +237,9 @@ def carve_val(splits: dict, val_size: int | float | None, seed: int) -> None:
         raise UserError(f"val_size {val_size} holds out no images of the {n} in train; choose more.")
     if count >= n:
         raise UserError(f"val_size {val_size} leaves no training images ({n} in train); choose fewer.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise UserError(f"the seed of the validation carve must be a whole number from 0 to 2**63-1, not {seed}; "
+                        f"pass --seed/--data-seed 0 (or the training run's data_seed).")
     order = np.random.default_rng(seed).permutation(n)
     splits["val"] = train.subset("val", np.sort(order[:count]))
     splits["train"] = train.subset("train", np.sort(order[count:]))
@@ -410,13 +413,13 @@ def load_dataset(
         classes, splits = _load_named(text, data_dir, in_chans)
         kind_used, name = "memory", text
     else:
-        path = Path(text).expanduser()
+        path = user_path(text)
         if not path.exists() and os.sep not in text and "/" not in text:
             raise UserError(
                 f"unknown data source '{text}'{did_you_mean(text, NAMED_SOURCES)}; give cifar10, "
                 f"cifar100, digits or an ImageFolder directory."
             )
-        cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        cache = user_path(cache_dir) if cache_dir is not None else default_cache_dir()
         if path.is_dir() and cache.resolve().is_relative_to(path.resolve()):
             raise UserError(
                 f"the cache directory {cache} is inside the data folder {path}; choose another "

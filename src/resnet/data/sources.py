@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, user_path
 
 
 def default_data_dir() -> Path:
@@ -235,7 +235,7 @@ def cifar_folder(name: str, data_dir: str | os.PathLike | None = None, *, downlo
     """The extracted CIFAR binary folder under `data_dir`: found, extracted, or downloaded. An archive found
     in place (put there by hand) is checked against the published MD5 before it is extracted."""
     spec = CIFAR[name]
-    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    root = user_path(data_dir) if data_dir is not None else default_data_dir()
     folder = root / spec.folder
     if _complete(spec, folder):
         return folder

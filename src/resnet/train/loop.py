@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import artifacts
-from ..errors import UserError
+from ..errors import UserError, user_path
 from ..models import create_model, model_spec, resolve_options
 from . import checkpoint, distributed, outputs
 from .config import TrainConfig, changed_settings, config_from_dict, validate
@@ -143,7 +143,7 @@ class Trainer:
 
             keep_freed_memory()  # no page faults for each step's activation buffers
         self.resuming = (out_dir / checkpoint.NAME).exists()  # then the checkpoint, not init_from, has the weights
-        if cfg.init_from and not self.resuming and not Path(cfg.init_from).expanduser().exists():
+        if cfg.init_from and not self.resuming and not user_path(cfg.init_from).exists():
             raise UserError(f"init_from '{cfg.init_from}' does not exist; give a run folder, model.safetensors, "
                             f"checkpoint.pt or a .pth state dict of {cfg.arch}.")  # before a long data load
         self._build_data(data_api)
@@ -234,7 +234,7 @@ class Trainer:
 
         cfg = self.cfg
         bottleneck = model_spec(cfg.arch).block == "bottleneck"
-        src, meta = load_model(Path(cfg.init_from).expanduser(), arch=cfg.arch,
+        src, meta = load_model(user_path(cfg.init_from), arch=cfg.arch,
                                options={"variant": cfg.variant} if bottleneck else {}, bare_only=True)
         self._refuse_other_networks(meta, bottleneck)
         state, keep, what = self._classifier_from(src.state_dict(), meta)
@@ -711,6 +711,8 @@ def _lock(out: Path):
 
 
 _OUTPUTS = ("summary.json", "model.safetensors", checkpoint.NAME, "metrics.jsonl")
+# Files a run writes that are not worth resuming from, but are a user's when no config.yaml says a run made them.
+_ALSO_WRITTEN = ("model.json", "curves.png")
 
 
 def _existing_run(cfg: TrainConfig, out: Path) -> dict | None:
@@ -721,8 +723,9 @@ def _existing_run(cfg: TrainConfig, out: Path) -> dict | None:
     if not (out / "config.yaml").exists():
         # Outputs without the config that says what made them are not ours to overwrite; a checkpoint says
         # its own settings, and resuming compares them.
-        if held and checkpoint.NAME not in held:
-            raise UserError(f"'{out}' holds {', '.join(held)} but no config.yaml saying which run wrote them; "
+        foreign = held + [name for name in _ALSO_WRITTEN if (out / name).exists()]
+        if foreign and checkpoint.NAME not in held:
+            raise UserError(f"'{out}' holds {', '.join(foreign)} but no config.yaml saying which run wrote them; "
                             f"choose a new --out folder, or move those files away.")
         return None
     import json
@@ -746,5 +749,11 @@ def _existing_run(cfg: TrainConfig, out: Path) -> dict | None:
                             f"same recipe and overrides to resume it, or a new --out folder.")
         return None
     path = out / "summary.json"
-    summary = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except (OSError, UnicodeDecodeError, ValueError):
+        summary = None
+    if not isinstance(summary, dict):
+        raise UserError(f"'{path}' is damaged (not a JSON summary); delete it and run the same command again "
+                        f"to resume from the checkpoint and write it anew.")
     return summary if summary.get("status") == "finished" else None

@@ -60,14 +60,15 @@ class RunLog:
             return
         keep = []
         if resume_iter is not None:
-            for line in self.path.read_text().splitlines():
+            # errors="replace": a damaged byte spoils its own line (dropped below), not the resumption.
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     rec = json.loads(line)
-                    # The test line comes from finish(), which a resumed run repeats.
-                    if rec["iter"] <= resume_iter and rec.get("split") != "test":
-                        keep.append(line)
-                except (ValueError, KeyError):  # a line cut short by a kill
+                except ValueError:  # a line cut short by a kill, or damaged
                     continue
+                # The test line comes from finish(), which a resumed run repeats.
+                if _is_record(rec) and rec["iter"] <= resume_iter and rec["split"] != "test":
+                    keep.append(line)
         atomic_write_bytes(self.path, "".join(f"{line}\n" for line in keep).encode())
 
     def write(self, record: dict) -> None:
@@ -83,6 +84,12 @@ class RunLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _is_record(rec) -> bool:
+    """True for a line this log writes (the iteration, split and error every reader takes), else false."""
+    return (isinstance(rec, dict) and type(rec.get("iter")) is int and isinstance(rec.get("split"), str)
+            and isinstance(rec.get("top1_err"), (int, float)))
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -111,8 +118,8 @@ def plot_curves(metrics: list[dict], path: Path, title: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install 'resnet[demo]'); curves.png not drawn."
-    train = [(m["iter"], m["top1_err"]) for m in metrics if m["split"] == "train"]
-    val = [(m["iter"], m["top1_err"]) for m in metrics if m["split"] == "val"]
+    train = [(m["iter"], m["top1_err"]) for m in metrics if m["split"] == "train" and "top1_err" in m]
+    val = [(m["iter"], m["top1_err"]) for m in metrics if m["split"] == "val" and "top1_err" in m]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     if train:
         ax.plot(*zip(*train, strict=True), lw=0.8, color="C0", label="train error")
