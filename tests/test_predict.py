@@ -80,6 +80,14 @@ def test_predict_csv_and_table(tmp_path, capsys):
     assert "zebra" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flag, value", [("--topk", "0"), ("--batch-size", "0")])
+def test_a_count_below_one_is_one_sentence(tmp_path, capsys, flag, value):
+    run = colour_model(tmp_path / "run")
+    folder = images(tmp_path / "imgs")
+    assert main(["predict", str(run), str(folder / "a.png"), flag, value]) == 2
+    assert f"{flag} must be at least 1" in capsys.readouterr().err
+
+
 def test_batched_predictions_equal_one_by_one(tmp_path):
     torch.manual_seed(0)
     model = create_model("resnet20", num_classes=3).eval()

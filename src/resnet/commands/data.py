@@ -11,7 +11,10 @@ HELP = "describe a data source the way the trainer sees it"
 
 
 def _val_size(text: str) -> int | float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a count of images or a fraction below 1") from None
     return int(value) if value >= 1 and value.is_integer() else value
 
 

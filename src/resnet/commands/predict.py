@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     check_int8_flags(args)
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, not {args.topk}.")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 image, not {args.batch_size}.")
     model, meta = load_from_args(args)
     problems: list[dict] = []
     paths = find_images(args.inputs, problems)
