@@ -118,8 +118,8 @@ def plot_curves(metrics: list[dict], path: Path, title: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install 'resnet[demo]'); curves.png not drawn."
-    train = [(m["iter"], m["top1_err"]) for m in metrics if m["split"] == "train" and "top1_err" in m]
-    val = [(m["iter"], m["top1_err"]) for m in metrics if m["split"] == "val" and "top1_err" in m]
+    train = [(m["iter"], m["top1_err"]) for m in metrics if m["split"] == "train"]
+    val = [(m["iter"], m["top1_err"]) for m in metrics if m["split"] == "val"]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     if train:
         ax.plot(*zip(*train, strict=True), lw=0.8, color="C0", label="train error")
