@@ -197,6 +197,11 @@ def test_option_values_are_read_as_the_model_reads_them(tmp_path):
     assert loaded["options"]["shortcut"] == "A"
     with pytest.raises(UserError, match="option shortcut='B' contradicts the shortcut='A' recorded"):
         load_model(tmp_path, options=parse_options(["shortcut=b"]))
+    # Only ASCII integers are numbers; the rest stay strings for the model's own one-sentence check.
+    assert parse_options(["a=-3", "b=--5", "c=\u00b2"]) == {"a": -3, "b": "--5", "c": "\u00b2"}
+    torch.save(create_model("resnet20").state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(UserError, match="num_classes must be a positive whole number, not '--5'"):
+        load_model(tmp_path / "bare.pt", arch="resnet20", options=parse_options(["num_classes=--5"]))
 
 
 def test_architecture_mismatch_names_the_keys(run_dir, tmp_path):

@@ -18,6 +18,7 @@ import json
 import math
 import pickle
 import pickletools
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -425,6 +426,9 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
 
 
 # --- shared command-line arguments ---------------------------------------------------------------------
+_INT = re.compile(r"-?[0-9]+")  # ASCII digits only: "²" and "--5" stay strings (and are refused by name later)
+
+
 def parse_options(pairs: list[str] | None) -> dict:
     """`["variant=v1.5", "num_classes=10"]` -> {"variant": "v1.5", "num_classes": 10} (ints and bools typed)."""
     out: dict = {}
@@ -434,7 +438,7 @@ def parse_options(pairs: list[str] | None) -> dict:
             raise UserError(f"--option takes KEY=VALUE (e.g. variant=v1.5), not '{pair}'.")
         key, value = key.strip(), value.strip()
         low = value.lower()
-        out[key] = (int(value) if value.lstrip("-").isdigit() else
+        out[key] = (int(value) if _INT.fullmatch(value) else
                     low == "true" if low in ("true", "false") else
                     value.upper() if key == "shortcut" else value)  # shortcut=a is option A
     return out
