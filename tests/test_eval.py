@@ -350,3 +350,25 @@ def test_images_of_another_size_are_scored_as_predict_sees_them(tmp_path, capsys
     expected = torch.stack([prepare(torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1), meta)
                             for p in paths])
     assert torch.allclose(torch.cat(inputs), expected.flatten(0, -4), atol=1e-5)
+
+
+def test_a_confusion_path_that_cannot_be_written_is_refused_before_the_evaluation(tmp_path, capsys, monkeypatch):
+    """It was found unwritable only after the whole evaluation, whose result was then lost; '~' in
+    --confusion=~/cm.png (which the shell leaves alone) made a folder named '~'."""
+    import resnet.evaluate
+
+    data = image_folder(tmp_path / "data")
+    run = constant_model(tmp_path / "run", ["banana", "cherry", "apple"], favourite="banana")
+    (tmp_path / "a_file").write_text("x")
+    calls = []
+    real = resnet.evaluate.evaluate
+    monkeypatch.setattr(resnet.evaluate, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rc = main(["eval", str(run), "--data", str(data), "--confusion", str(tmp_path / "a_file" / "cm.png")])
+    assert rc == 2 and not calls
+    err = capsys.readouterr().err
+    assert "cannot write the confusion matrix into" in err and "a file is in the way" in err
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", str(run), "--data", str(data), "--cache-dir", str(tmp_path / "cache"),
+                 "--confusion=~/plots/cm.png"]) == 0
+    assert (tmp_path / "home" / "plots" / "cm.png").is_file() and not (tmp_path / "~").exists()

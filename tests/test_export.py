@@ -166,3 +166,14 @@ def test_what_a_bare_state_dict_did_not_record_stays_a_guess_in_its_export(run_d
     assert {"classes", "mean", "std"} <= set(meta["assumed"])
     _, described = load_model(run_dir)
     assert "assumed" not in described
+
+
+def test_export_out_under_home_is_expanded_and_a_file_in_the_way_is_named(run_dir, tmp_path, capsys, monkeypatch):
+    """--out=~/m.safetensors (which the shell leaves alone) wrote into a folder named '~'."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(run_dir), "--format", "safetensors", "--out=~/m.safetensors"]) == 0
+    assert (tmp_path / "home" / "m.safetensors").is_file() and not (tmp_path / "~").exists()
+    (tmp_path / "a_file").write_text("x")
+    assert main(["export", str(run_dir), "--format", "safetensors", "--out", str(tmp_path / "a_file" / "m")]) == 2
+    assert "a file is in the way of its folder" in capsys.readouterr().err

@@ -306,3 +306,11 @@ def test_packing_declines_what_it_does_not_know():
             "input_size": [3, 32, 32]}
     assert not InferenceModel(model, meta, backend="torch", fold=False).packed
     assert not InferenceModel(model, {k: v for k, v in meta.items() if k != "input_size"}, backend="torch").packed
+
+
+@pytest.mark.parametrize("name", ["mps", "meta", "xla"])
+def test_a_device_our_code_does_not_run_on_is_one_sentence(name):
+    from resnet.inference import resolve_device
+
+    with pytest.raises(UserError, match=f"device '{name}' is not supported; use auto, cpu, cuda or cuda:N"):
+        resolve_device(name)

@@ -357,3 +357,72 @@ def test_onnxruntime_on_a_gpu_device_is_refused_not_silently_run_on_the_cpu(run_
     model, meta = load_model(run_dir[0])
     with pytest.raises(UserError, match="onnxruntime backend runs on the CPU; use --backend torch"):
         InferenceModel(model, meta, backend="onnxruntime", device="cuda")
+
+
+def test_a_file_is_read_by_what_it_holds_not_by_its_suffix(run_dir, tmp_path):
+    """A torch.save state dict named *.safetensors was called corrupt, and a safetensors file named *.pth
+    'not a model file'."""
+    from safetensors.torch import save_file
+
+    _, model = run_dir
+    state = model.state_dict()
+    pickled, flat = tmp_path / "w" / "p.safetensors", tmp_path / "w" / "s.pth"
+    pickled.parent.mkdir()
+    torch.save(state, pickled)
+    save_file({k: v.contiguous() for k, v in state.items()}, flat)
+    for path in (pickled, flat):
+        loaded, meta = load_model(path, arch="resnet20")
+        assert same_outputs(loaded, model) and meta["source"] == str(path)
+
+
+@pytest.mark.parametrize("edit, key", [
+    ({"arch": 5}, "arch"), ({"arch": None}, "arch"), ({"arch": ["resnet20"]}, "arch"),
+    ({"assumed": 5}, "assumed"),
+    ({"input_size": [3, True, 32]}, "input_size"),
+    ({"mean": [125.3, 123.0, 113.9]}, "mean"),  # 0-255 units: every image would score as noise
+    ({"std": [63.0, 62.1, 66.7]}, "std"),
+    ({"classes": ["cat", "dog", "cat", "yak"]}, "classes"),  # a repeated name loses a class in eval
+])
+def test_a_hand_edited_model_json_is_one_sentence_naming_the_field(run_dir, edit, key):
+    out, _ = run_dir
+    meta = json.loads((out / "model.json").read_text())
+    (out / "model.json").write_text(json.dumps({**meta, **edit}))
+    with pytest.raises(UserError, match=f"has a bad '{key}'") as err:
+        load_model(out)
+    one_sentence(err, out / "model.safetensors")
+
+
+def test_a_checkpoint_beside_another_runs_model_json_is_refused_not_mislabelled(run_dir, tmp_path):
+    out, model = run_dir
+    own = {**meta_for(), "options": {"num_classes": 4, "in_chans": 3, "shortcut": "A"}}
+    state = {"format": "resnet-checkpoint/1", "iteration": 5, "ema": None, "model_meta": own,
+             "config": {"arch": "resnet20", "in_chans": 3, "shortcut": "A", "variant": "v1"},
+             "model": model.state_dict(), "optimizer": {"state": {}}}
+    torch.save(state, out / "checkpoint.pt")
+    loaded, meta = load_model(out / "checkpoint.pt")  # its own run's model.json: agreed, loads
+    assert same_outputs(loaded, model) and meta["classes"] == CLASSES
+    other = json.loads((out / "model.json").read_text())
+    (out / "model.json").write_text(json.dumps({**other, "classes": ["c0", "c1", "c2", "c3"]}))
+    with pytest.raises(UserError, match="describes another model than .* \\(their classes differ\\)") as err:
+        load_model(out / "checkpoint.pt")
+    one_sentence(err, out / "checkpoint.pt")
+
+
+def test_a_run_directory_without_model_json_is_described_by_its_checkpoint(run_dir):
+    """model.json is written after model.safetensors: a run stopped between the two kept asking for --arch."""
+    out, model = run_dir
+    own = {**meta_for(), "options": {"num_classes": 4, "in_chans": 3, "shortcut": "A"}}
+    torch.save({"format": "resnet-checkpoint/1", "iteration": 5, "ema": None, "model_meta": own,
+                "config": {"arch": "resnet20"}, "model": model.state_dict(), "optimizer": {"state": {}}},
+               out / "checkpoint.pt")
+    (out / "model.json").unlink()
+    loaded, meta = load_model(out)
+    assert same_outputs(loaded, model) and meta["classes"] == CLASSES
+    assert meta["source"].endswith("checkpoint.pt")
+
+
+def test_a_model_path_under_home_is_expanded(run_dir, monkeypatch):
+    out, model = run_dir
+    monkeypatch.setenv("HOME", str(out.parent))
+    loaded, _ = load_model(f"~/{out.name}")
+    assert same_outputs(loaded, model)

@@ -175,3 +175,22 @@ def test_a_file_name_that_is_not_utf8_is_printed_escaped_in_every_format(tmp_pat
     assert proc.returncode == 0, proc.stderr
     text = " ".join(r["path"] for r in json.loads(proc.stdout)) if fmt == "json" else proc.stdout
     assert "caf\\xe9.png" in text and "z.png" in text  # the name, escaped, and the files after it
+
+
+def test_a_one_pixel_image_and_a_path_under_home_predict_without_warnings(tmp_path, monkeypatch, capsys):
+    """A 1x1 image decoded to a read-only view, and PyTorch's warning about it reached the user; '~/x.png'
+    quoted (so the shell left it alone) was reported missing."""
+    import warnings
+
+    from resnet.data.decode import to_array
+
+    assert to_array(Image.new("RGB", (1, 1))).flags.writeable
+    run = colour_model(tmp_path / "run")
+    (tmp_path / "home").mkdir()
+    Image.fromarray(np.full((1, 1, 3), 200, dtype=np.uint8)).save(tmp_path / "home" / "dot.png")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["predict", str(run), "~/dot.png", "--format", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [p["label"] for p in result[0]["predictions"]][:1] == ["zebra"]

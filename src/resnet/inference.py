@@ -133,6 +133,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N.") from None
+    if device.type not in ("cpu", "cuda"):  # mps, xla, meta, ...: torch.device accepts them, our code does not
+        raise UserError(f"device '{name}' is not supported; use auto, cpu, cuda or cuda:N.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{name}' was asked for but this PyTorch sees no CUDA GPU; use --device cpu.")
     if device.type == "cuda":

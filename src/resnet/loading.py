@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import pickle
 import pickletools
 import re
@@ -28,7 +29,7 @@ import yaml
 from torch import nn
 
 from .artifacts import clean_state_dict, state_digest
-from .errors import UserError
+from .errors import UserError, user_path
 from .models import create_model, model_spec, resolve_options
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -87,7 +88,8 @@ def read_pickle(path: Path, map_location="cpu") -> object:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
-            return torch.load(path, map_location=map_location, weights_only=True)
+            with open(path, "rb") as f:  # a file object: torch.load would pick its reader by the name's suffix
+                return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         try:
             names = pickle_globals(path)
@@ -258,7 +260,10 @@ def _locate(path: Path, checkpoint_first: bool = False) -> tuple[Path, Path | No
                         f"model.safetensors or a .pt/.pth file.")
     if path.is_dir():
         names = ("model.safetensors", "checkpoint.pt")
-        for name in reversed(names) if checkpoint_first else names:
+        # model.json is written after model.safetensors: a run stopped between the two (or a copy without it)
+        # is described by its checkpoint, not by nothing.
+        undescribed = not (path / "model.json").is_file() and (path / "checkpoint.pt").is_file()
+        for name in reversed(names) if checkpoint_first or undescribed else names:
             if (path / name).is_file():
                 sidecar = path / "model.json"
                 return path / name, sidecar if sidecar.is_file() else None
@@ -298,20 +303,28 @@ def _check_meta(meta: dict, path: Path) -> None:
         return (isinstance(v, list) and len(v) == n
                 and all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v))
 
-    if not numbers(meta["mean"], c):
+    # Statistics in 0-255 units (as mmcv and some papers write them: 123.675, ...) would score every image
+    # as near-black noise; within 0-1 the pixels' mean is in [0, 1] and their std at most 1.
+    if not numbers(meta["mean"], c) or not all(0 <= x <= 1 for x in meta["mean"]):
         raise _bad_meta(path, "mean", f"{c} numbers, one per input channel, in 0-1 pixel units")
-    if not numbers(meta["std"], c) or min(meta["std"]) <= 0:
+    if not numbers(meta["std"], c) or not all(0 < x <= 1 for x in meta["std"]):
         raise _bad_meta(path, "std", f"{c} positive numbers, one per input channel, in 0-1 pixel units")
     size = meta["input_size"]
-    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(x, int) and x > 0 for x in size)
+    if not (isinstance(size, list) and len(size) == 3
+            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in size)
             and size[0] == c):
         raise _bad_meta(path, "input_size", f"[channels, height, width] with {c} channels, as the model has")
     if not isinstance(meta["classes"], list) or not all(isinstance(x, str) for x in meta["classes"]):
         raise _bad_meta(path, "classes", "a list of class names")
+    if len(set(meta["classes"])) != len(meta["classes"]):  # eval maps by name: a repeated one loses a class
+        raise _bad_meta(path, "classes", "a list of distinct class names")
     try:
         canonical_view(meta["eval_view"])
     except (ValueError, TypeError):
         raise _bad_meta(path, "eval_view", f"one of {', '.join(VIEWS)}") from None
+    assumed = meta.get("assumed", [])
+    if not (isinstance(assumed, list) and all(isinstance(x, str) for x in assumed)):
+        raise _bad_meta(path, "assumed", "a list of the field names that were guessed")
     for key in ("data", "data_dir"):
         if key in meta and not isinstance(meta[key], str):
             raise _bad_meta(path, key, "a data source name or folder path")
@@ -319,6 +332,23 @@ def _check_meta(meta: dict, path: Path) -> None:
     if split is not None and not (isinstance(split, dict) and isinstance(split.get("val_size"), int | float)
                                   and isinstance(split.get("seed", 0), int)):
         raise _bad_meta(path, "val_split", 'a mapping {"val_size": N, "seed": S}')
+
+
+def _is_safetensors(path: Path) -> bool:
+    """True when `path` holds safetensors bytes (an 8-byte header length, then a JSON header), whatever its
+    name: a state dict saved with torch.save and named *.safetensors, or a safetensors file named *.pth,
+    is read by what it holds, not by its suffix."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return path.suffix == ".safetensors"
+    if len(head) == 9 and head[8:9] == b"{" and 8 < int.from_bytes(head[:8], "little") + 8 <= size:
+        return True  # (a zip's 9th byte is its compression method, a pickle's an opcode argument: never "{")
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip or legacy pickle
+        return False
+    return path.suffix == ".safetensors"  # empty or damaged: reported by the reader its name asks for
 
 
 def _read_json(path: Path) -> dict:
@@ -342,15 +372,16 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
     meta["source"] is the weights file, meta["bn_folded"] tells whether the model came with BatchNorm
     already folded (from `resnet export`).
     """
-    path = Path(path)
+    path = user_path(path)  # "--model=~/runs/x" reaches us unexpanded by the shell
     user_opts = dict(options or {})
     weights, sidecar = _locate(path, checkpoint_first=trained)  # a run's model.safetensors holds the average
-    if trained and weights.suffix == ".safetensors":
+    is_st = _is_safetensors(weights)
+    if trained and is_st:
         raise UserError(f"'{weights}' holds one set of weights; --trained-weights needs a training run's "
                         f"checkpoint.pt (or its run directory).")
     meta: dict | None = None
     cfg: dict = {}
-    if weights.suffix == ".safetensors":
+    if is_st:
         state, header = read_safetensors(weights)
         if META_KEY in header:
             recorded = header.get(META_DIGEST_KEY)  # exports before 2026-11-25 carry none
@@ -367,6 +398,13 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
         cfg = info.get("config") or {}
         if sidecar is not None and info.get("checkpoint"):  # a bare state dict (a downloaded .pth) in a run
             meta = _read_json(sidecar)                       # folder is another model: not described by it
+            own = info.get("model_meta") or {}  # the checkpoint's own description: the model.json beside it
+            differ = [k for k in ("arch", "classes", "mean", "std", "input_size")  # must be of the same run
+                      if k in own and k in meta and json.loads(json.dumps(own[k])) != meta[k]]
+            if differ:
+                raise UserError(f"'{sidecar}' describes another model than '{weights}' (their {differ[0]} "
+                                f"differ); keep each checkpoint in its own run directory, or remove the "
+                                f"model.json beside it (the checkpoint describes itself).")
         elif info.get("model_meta"):  # a run that has not finished: its checkpoint describes the model
             meta = dict(info["model_meta"])
     if bare_only and (meta is not None or cfg.get("arch")):  # the file says what it holds: the caller's
@@ -376,6 +414,8 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
         user_opts = _merge_options({k: v for k, v in arch_opts.items() if v is not None}, user_opts, weights)
         arch = arch or cfg["arch"]
     state = clean_state_dict(state)
+    if meta is not None and not (isinstance(meta, dict) and isinstance(meta.get("arch"), str)):
+        raise _bad_meta(weights, "arch", "the network's name, e.g. resnet20; 'resnet models' lists them")
     if meta is not None:
         if arch is not None and arch != meta["arch"]:
             raise UserError(f"--arch {arch} contradicts the architecture {meta['arch']} recorded with "
@@ -406,7 +446,7 @@ def load_model(path: str | Path, *, arch: str | None = None, options: dict | Non
     # The network first: weights of another model than model.json describes fail here, by their keys and
     # shapes, rather than as a corrupt file below.
     model = _build(arch, opts, state, weights, folded=bool(meta.get("bn_folded")), fix=fix)
-    if weights.suffix == ".safetensors":
+    if is_st:
         expected = meta.get(DIGEST_KEY) or header.get(DIGEST_KEY)  # model.json's, or the file's own
         if expected and state_digest(state) != expected:
             raise _corrupt(weights, "its weights do not match the recorded checksum")

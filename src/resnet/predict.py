@@ -7,11 +7,10 @@ to the model's input size by its evaluation view, and run in batches.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, user_path
 
 
 def find_images(inputs: list[str], problems: list[dict] | None = None) -> list[str]:
@@ -23,7 +22,11 @@ def find_images(inputs: list[str], problems: list[dict] | None = None) -> list[s
     out: list[str] = []
     unreadable: list[tuple[str, str]] = []
     for item in inputs:
-        p = Path(item)
+        try:
+            p = user_path(item)
+        except UserError:  # ~nosuchuser/...: reported for that file, like a missing one; the rest go on
+            out.append(item)
+            continue
         if p.is_dir():
             out.extend(e.path for e in image_files_under(p, unreadable))
         else:

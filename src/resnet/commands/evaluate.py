@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 HELP = "top-1/top-5 error of a trained model on a data split"
@@ -46,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import UserError
+    from ..errors import UserError, user_path
     from ..evaluate import evaluate, save_confusion_png
     from ..inference import resolve_device
     from ..loading import load_from_args
@@ -55,10 +56,22 @@ def run(args: argparse.Namespace) -> int:
 
     check_int8_flags(args)
     if args.confusion:  # checked before the evaluation, which may take long, rather than after it
+        args.confusion = str(user_path(args.confusion))
         suffix = Path(args.confusion).suffix
         if suffix.lower() not in ("", ".png"):
             raise UserError(f"--confusion writes a PNG image; name it *.png, not '{args.confusion}'.")
         args.confusion = args.confusion if suffix else f"{args.confusion}.png"
+        folder = Path(args.confusion).parent
+        try:  # the folder it goes into, made (or refused) now: not after an evaluation that may take an hour
+            folder.mkdir(parents=True, exist_ok=True)
+            writable = os.access(folder, os.W_OK)
+        except OSError as err:
+            why = "a file is in the way" if isinstance(err, FileExistsError | NotADirectoryError) else err.strerror
+            raise UserError(f"cannot write the confusion matrix into '{folder}' ({why}); choose another "
+                            f"--confusion path.") from None
+        if not writable:
+            raise UserError(f"cannot write the confusion matrix into '{folder}' (permission denied); choose "
+                            f"another --confusion path.")
     model, meta = load_from_args(args)
     data = args.data or meta.get("data")
     if not data:

@@ -46,14 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import UserError
+    from ..errors import UserError, user_path
     from ..export import export_error, export_model
     from ..loading import load_from_args
     from ._common import check_int8_flags
 
     check_int8_flags(args)
     model, meta = load_from_args(args)
-    out = Path(args.out)
+    out = user_path(args.out)  # "--out=~/m.onnx" reaches us unexpanded: never a folder named "~" here
     if out.is_dir():
         raise UserError(f"--out '{out}' is a directory; name the file to write, e.g. "
                         f"{out / ('model' + SUFFIXES[args.format][0])}.")
@@ -101,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
             line += f"; max |logit difference| vs PyTorch {diff:.1e}"
         os.replace(tmp, out)
     except OSError as err:
-        raise UserError(f"cannot write '{out}' ({err.strerror or err}); choose another --out.") from None
+        why = ("a file is in the way of its folder" if isinstance(err, FileExistsError | NotADirectoryError)
+               else err.strerror or err)
+        raise UserError(f"cannot write '{out}' ({why}); choose another --out.") from None
     finally:
         with contextlib.suppress(OSError):  # a folder that could not be written holds no temporary either
             tmp.unlink(missing_ok=True)

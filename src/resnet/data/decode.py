@@ -129,7 +129,8 @@ def to_array(img: Image.Image, in_chans: int = 3) -> np.ndarray:
     if img.mode != target:
         img = img.convert(target)
     arr = np.asarray(img, dtype=np.uint8)
-    return arr[None].copy() if in_chans == 1 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+    # Always a copy: ascontiguousarray returned a 1x1 image's read-only view of Pillow's buffer as it was.
+    return arr[None].copy() if in_chans == 1 else arr.transpose(2, 0, 1).copy()
 
 
 def decode_image(
