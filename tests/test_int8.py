@@ -229,3 +229,21 @@ def test_calibration_flags_without_int8_are_refused_in_one_sentence(tmp_path, ca
                  "--calibration-size", "0"]) == 2
     assert "--calibration-size must be at least 1 image, not 0." in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("vnni", [False, True])
+def test_eight_bit_weights_on_a_cpu_without_vnni_are_warned_of_where_they_run(monkeypatch, capsys, vnni):
+    import argparse
+
+    import resnet.machine
+    from resnet.commands._common import check_int8_flags
+
+    monkeypatch.setattr(resnet.machine, "has_vnni", lambda cpuinfo=None: vnni)
+    args = argparse.Namespace(precision="int8", weight_bits=8, calibration_size=None, calibration_data=None)
+    check_int8_flags(args)
+    err = capsys.readouterr().err
+    assert ("8-bit weights can overflow there; --weight-bits 7" in err) is not vnni and err.count("\n") <= 1
+    check_int8_flags(args, runs_here=False)  # export: the file may be meant for a VNNI CPU
+    check_int8_flags(argparse.Namespace(precision="int8", weight_bits=7, calibration_size=None,
+                                        calibration_data=None))
+    assert capsys.readouterr().err == ""

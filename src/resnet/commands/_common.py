@@ -75,8 +75,9 @@ def add_weight_bits(parser: argparse.ArgumentParser, *, portable: bool = False) 
                         help=f"bits of the int8 weights ({default}; docs/inference.md)")
 
 
-def check_int8_flags(args: argparse.Namespace) -> None:
-    """The calibration flags mean something only with --precision int8; given without it, say so."""
+def check_int8_flags(args: argparse.Namespace, *, runs_here: bool = True) -> None:
+    """The calibration flags mean something only with --precision int8; given without it, say so. When the
+    int8 model `runs_here` (eval, predict), 8-bit weights on a CPU without VNNI get a one-line warning."""
     from ..errors import UserError
 
     given = [flag for flag, dest in (("--calibration-size", "calibration_size"),
@@ -88,3 +89,9 @@ def check_int8_flags(args: argparse.Namespace) -> None:
                         f"{'them' if len(given) > 1 else 'it'} out.")
     if getattr(args, "calibration_size", None) is not None and args.calibration_size < 1:
         raise UserError(f"--calibration-size must be at least 1 image, not {args.calibration_size}.")
+    if runs_here and getattr(args, "weight_bits", None) == 8 and getattr(args, "precision", None) == "int8":
+        from ..machine import has_vnni
+
+        if not has_vnni():
+            print("warning: this CPU has no VNNI, so its int8 kernels add products in 16 bits and 8-bit weights "
+                  "can overflow there; --weight-bits 7 (the default here) avoids it.", file=sys.stderr)

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ..loading import load_from_args
     from ._common import check_int8_flags
 
-    check_int8_flags(args)
+    check_int8_flags(args, runs_here=False)  # the file may run on another CPU: 8 bits may be meant
     model, meta = load_from_args(args)
     out = user_path(args.out)  # "--out=~/m.onnx" reaches us unexpanded: never a folder named "~" here
     if out.is_dir():
