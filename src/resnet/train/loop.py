@@ -234,7 +234,7 @@ class Trainer:
 
         cfg = self.cfg
         bottleneck = model_spec(cfg.arch).block == "bottleneck"
-        src, meta = load_model(user_path(cfg.init_from), arch=cfg.arch,
+        src, meta = load_model(cfg.init_from, arch=cfg.arch,  # load_model expands ~ itself
                                options={"variant": cfg.variant} if bottleneck else {}, bare_only=True)
         self._refuse_other_networks(meta, bottleneck)
         state, keep, what = self._classifier_from(src.state_dict(), meta)
